@@ -5,32 +5,39 @@ time it is needed, and the result is cached in a directory named by a hash of
 everything that affects the binary (the cache *key*):
 
 * the CPU feature flags (``/proc/cpuinfo``; elsewhere the compiler's
-  ``-march=native`` macros),
-* the compiler's path and ``--version`` banner, and the compile flags,
+  ``-march=native`` macros) and the machine type,
+* the compiler command and its ``--version`` banner, the compile and link flags,
 * the kernel source and its cdef,
 * the Python ABI tag, the cffi version and the OpenMP runtime linked against,
 * ``CACHE_VERSION``, bumped to invalidate every entry at once.
 
 A cache entry is ``<root>/<key>/`` holding the extension module and
-``meta.json`` (the key's inputs, the artefact's sha256, the build time).
+``meta.json`` (the key's inputs, the artefact's sha256, the build time), so a
+person can diff two entries' inputs to see why a rebuild happened.
 
-Concurrency and recovery: a build holds an ``fcntl`` lock on
-``<root>/<key>.lock``; the kernel drops it when the holder dies, so a killed
-build never blocks the next one. A build writes into a private temporary
-directory under the root and is moved into place with ``os.replace``: a reader
-sees a complete entry or none. An entry whose artefact does not match the
-sha256 in its ``meta.json``, or does not load, is moved aside and rebuilt.
+Concurrency and recovery:
+
+* Loading an intact entry takes no lock and writes nothing: a prebuilt cache
+  (``python -m roundpipe build`` in a container image) works read-only.
+* A build holds an ``fcntl`` lock on ``<root>/<key>.lock``. The kernel drops it
+  when the holder dies, so a killed build never blocks the next one; the next
+  holder sweeps what the dead one left behind.
+* A build writes into a private temporary directory under the root and is
+  moved into place with ``os.replace``: a reader sees a complete entry or none.
+* An entry whose artefact does not match the sha256 in its ``meta.json``, or
+  does not load, is moved aside and rebuilt.
 
 Environment:
   ``ROUNDPIPE_CACHE_DIR``      the cache root (default: platformdirs' user cache)
-  ``CC``                       the compiler (default: cc, gcc, clang)
+  ``CC``                       the compiler, with optional arguments (default: cc, gcc, clang)
   ``ROUNDPIPE_REQUIRE_NATIVE`` 1: fail with ImportError instead of falling back
-  ``ROUNDPIPE_NO_CACHE``       1: always build into a private temporary directory
+  ``ROUNDPIPE_NO_CACHE``       1: build into a private temporary directory, deleted after loading
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.machinery
@@ -39,6 +46,8 @@ import io
 import json
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,13 +61,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 MODULE_NAME = "_roundpipe_adam"
 KERNEL_DIR = Path(__file__).resolve().parent / "_kernels"
 KERNEL_SOURCE = KERNEL_DIR / "adam.c"
 KERNEL_HEADER = KERNEL_DIR / "adam.h"  # doubles as the cffi cdef
-LOCK_TIMEOUT_S = 600.0  # a build takes ~1 s; waiting this long means something is wrong
-COMPILE_TIMEOUT_S = 300.0
+CFFI_SOURCE = '#include "adam.c"'  # what cffi's generated wrapper compiles
+COMPILE_TIMEOUT_S = 240.0  # per compiler command; a build takes ~1 s
+LOCK_TIMEOUT_S = 600.0  # > compile + link: waiting longer means the holder is stuck
+CPUINFO = "/proc/cpuinfo"  # the CPU flag source on Linux (tests point it at fakes)
 
 # Flags for compiling adam.c. Each one is there for a reason:
 COMPILE_FLAGS = [
@@ -73,10 +84,29 @@ COMPILE_FLAGS = [
     "-w",  # cffi's generated wrapper is not warning-clean; the kernel is checked in tests
 ]
 OPENMP_RUNTIME_NAMES = ("libgomp", "libiomp5", "libomp")
+_KEY_RE = re.compile(r"[0-9a-f]{32}")
+_TRUE = ("1", "true", "yes", "on")
 
 
 class BuildError(RuntimeError):
-    """The kernel could not be compiled or loaded; the message says why and how to fix it."""
+    """The kernel could not be compiled or loaded.
+
+    ``reason`` is one line saying what went wrong, ``details`` the last lines of
+    the compiler's output (if any), ``fix`` one line saying how to fix it.
+    """
+
+    def __init__(self, reason: str, *, details: str = "", fix: str = "") -> None:
+        self.reason, self.details, self.fix = reason, details.strip(), fix
+        parts = [reason, self.details, f"To fix: {fix}" if fix else ""]
+        super().__init__("\n".join(p for p in parts if p))
+
+    def one_line(self) -> str:
+        """The reason, the compiler's most telling line and the fix, on one line."""
+        lines = [ln.strip() for ln in self.details.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        telling = (errors or lines or [""])[-1]
+        text = self.reason + (f": {telling}" if telling else "")
+        return text + (f"; to fix: {self.fix}" if self.fix else "")
 
 
 @dataclass
@@ -86,6 +116,7 @@ class KernelInfo:
     key: str = ""
     key_inputs: dict[str, Any] = field(default_factory=dict)
     cache_root: str = ""
+    private_root: bool = False  # built in a temporary directory, deleted after loading
     artefact: str = ""
     from_cache: bool = False
     build_seconds: float | None = None
@@ -99,32 +130,49 @@ _module: ModuleType | None = None
 _failed: BuildError | None = None
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
 # ---- the key ---------------------------------------------------------------
 
 
 def cpu_flags() -> str:
     """The host CPU's feature flags, as one sorted space-separated string."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):  # x86, arm64
                     return " ".join(sorted(set(line.split(":", 1)[1].split())))
     except OSError:
         pass
     # Elsewhere: what -march=native turns on is exactly what the binary depends on.
+    macros = native_macros()
+    if macros:
+        return " ".join(sorted(macros))
+    return platform.machine() + " " + platform.processor()
+
+
+def native_macros() -> dict[str, str]:
+    """The macros the compiler predefines under -march=native ({} without a compiler)."""
     try:
         out = subprocess.run(
-            [find_compiler(), "-march=native", "-dM", "-E", "-x", "c", os.devnull],
+            [*compiler_command(), "-march=native", "-dM", "-E", "-x", "c", os.devnull],
             capture_output=True, text=True, timeout=60, check=True,
         ).stdout
-        return " ".join(sorted(line for line in out.splitlines() if "__" in line))
     except (OSError, subprocess.SubprocessError, BuildError):
-        return platform.machine() + " " + platform.processor()
+        return {}
+    macros = {}
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) >= 2 and parts[0] == "#define":
+            macros[parts[1]] = parts[2] if len(parts) == 3 else ""
+    return macros
 
 
 def cpu_model() -> str:
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
@@ -133,28 +181,46 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def find_compiler() -> str:
-    """The C compiler: $CC if set, else the first of cc, gcc, clang on PATH."""
-    cc = os.environ.get("CC")
-    candidates = [cc.split()[0]] if cc else ["cc", "gcc", "clang"]
-    for name in candidates:
+_NO_COMPILER_FIX = "install a C compiler with OpenMP (e.g. `apt-get install gcc`), or set CC to one"
+
+
+def compiler_command() -> list[str]:
+    """The C compiler as an argv prefix: $CC (which may carry arguments) or cc, gcc, clang."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        try:
+            argv = shlex.split(cc)
+        except ValueError as exc:
+            raise BuildError(f"CC={cc!r} cannot be parsed ({exc})", fix=_NO_COMPILER_FIX) from None
+        path = shutil.which(argv[0])
+        if path is None:
+            raise BuildError(f"CC={cc!r}: {argv[0]} is not an executable file, nor on PATH",
+                             fix=_NO_COMPILER_FIX)
+        return [path, *argv[1:]]
+    for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
-            return path
-    if cc:
-        raise BuildError(f"CC={cc!r} is not an executable on PATH; set CC to a C compiler")
-    raise BuildError(
-        "no C compiler found (tried cc, gcc, clang); install one "
-        "(e.g. `apt-get install gcc`) or set CC to its path"
-    )
+            return [path]
+    raise BuildError("no C compiler found (tried cc, gcc and clang on PATH)", fix=_NO_COMPILER_FIX)
 
 
-def compiler_version(cc: str) -> str:
+def find_compiler() -> str:
+    """The compiler command as one string (for display)."""
+    return shlex.join(compiler_command())
+
+
+def compiler_version(cc: list[str]) -> str:
+    """The compiler's identity: the first line of ``--version`` and its ``Name: value`` lines.
+
+    gcc: "cc (Debian 12.2.0-14) 12.2.0"; clang adds "Target: ...", "Thread model: ...".
+    """
     try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+        res = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise BuildError(f"the compiler {cc} does not run: {exc}; set CC to a working C compiler") from exc
-    return out.stdout.splitlines()[0] if out.stdout else f"unknown (exit {out.returncode})"
+        raise BuildError(f"the compiler {shlex.join(cc)} does not run ({exc})", fix=_NO_COMPILER_FIX) from None
+    lines = [line.strip() for line in res.stdout.splitlines() if line.strip()]
+    banner = lines[:1] + [ln for ln in lines[1:] if ": " in ln and not ln.startswith("Copyright")]
+    return "\n".join(banner) or f"unknown (`--version` exited {res.returncode})"
 
 
 def openmp_runtime() -> str | None:
@@ -166,34 +232,55 @@ def openmp_runtime() -> str | None:
     """
     import torch  # noqa: F401  (loads torch's runtime)
 
+    found = openmp_runtimes_mapped()
+    return found[0] if found else None
+
+
+def openmp_runtimes_mapped() -> list[str]:
+    """Every OpenMP runtime file mapped into this process, in /proc/self/maps order."""
+    found: list[str] = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             for line in f:
-                path = line.split(None, 5)[-1].strip()
+                fields = line.split(None, 5)
+                if len(fields) < 6:
+                    continue
+                path = fields[5].strip()
                 if os.path.basename(path).startswith(OPENMP_RUNTIME_NAMES) and ".so" in path:
-                    return path
+                    if path not in found:
+                        found.append(path)
     except OSError:
         pass
-    return None
+    return found
 
 
-def key_inputs(cc: str | None = None) -> dict[str, Any]:
+def _link_args(runtime: str | None) -> list[str]:
+    if runtime:  # link by path: DT_NEEDED is the soname torch already loaded
+        return [runtime, "-Wl,-rpath," + os.path.dirname(runtime), "-lm"]
+    return ["-fopenmp", "-lm"]  # no runtime loaded yet: the compiler's own
+
+
+def key_inputs(cc: list[str] | None = None) -> dict[str, Any]:
     """Everything that affects the built binary."""
-    cc = cc or find_compiler()
-    source = KERNEL_SOURCE.read_bytes() + KERNEL_HEADER.read_bytes()
+    cc = cc or compiler_command()
     import cffi
 
+    source = hashlib.sha256()
+    for part in (KERNEL_SOURCE.read_bytes(), KERNEL_HEADER.read_bytes(), CFFI_SOURCE.encode()):
+        source.update(hashlib.sha256(part).digest())
+    runtime = openmp_runtime()
     return {
         "cache_version": CACHE_VERSION,
         "cpu_flags": cpu_flags(),
-        "compiler": cc,
+        "machine": platform.machine(),
+        "compiler": shlex.join(cc),
         "compiler_version": compiler_version(cc),
         "compile_flags": COMPILE_FLAGS,
-        "source_sha256": hashlib.sha256(source).hexdigest(),
+        "link_flags": _link_args(runtime),
+        "source_sha256": source.hexdigest(),  # adam.c, adam.h (the cdef), cffi's wrapper source
         "python_abi": sys.implementation.cache_tag + " " + importlib.machinery.EXTENSION_SUFFIXES[0],
         "cffi_version": cffi.__version__,
-        "openmp_runtime": openmp_runtime(),
-        "machine": platform.machine(),
+        "openmp_runtime": runtime,
     }
 
 
@@ -202,7 +289,7 @@ def cache_key(inputs: dict[str, Any]) -> str:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("ROUNDPIPE_CACHE_DIR")
+    env = os.environ.get("ROUNDPIPE_CACHE_DIR", "").strip()
     if env:
         return Path(env).expanduser()
     import platformdirs
@@ -219,18 +306,12 @@ def _emit_c(path: Path) -> None:
 
     ffi = cffi.FFI()
     ffi.cdef(KERNEL_HEADER.read_text())
-    ffi.set_source(MODULE_NAME, '#include "adam.c"')
+    ffi.set_source(MODULE_NAME, CFFI_SOURCE)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "generating ..."
         ffi.emit_c_code(str(path))  # writes a file; unlike ffi.compile, no os.chdir
 
 
-def _link_args(runtime: str | None) -> list[str]:
-    if runtime:  # link by path: DT_NEEDED is the soname torch already loaded
-        return [runtime, "-Wl,-rpath," + os.path.dirname(runtime)]
-    return ["-fopenmp"]  # no runtime loaded yet: the compiler's own
-
-
-def compile_kernel(workdir: Path, cc: str, runtime: str | None) -> Path:
+def compile_kernel(workdir: Path, cc: list[str], link_flags: list[str]) -> Path:
     """Compile the extension module into workdir and return its path."""
     c_file = workdir / (MODULE_NAME + ".c")
     obj = workdir / (MODULE_NAME + ".o")
@@ -238,19 +319,24 @@ def compile_kernel(workdir: Path, cc: str, runtime: str | None) -> Path:
     _emit_c(c_file)
     includes = ["-I" + str(KERNEL_DIR), "-I" + sysconfig.get_paths()["include"]]
     cmds = [
-        [cc, *COMPILE_FLAGS, *includes, "-c", str(c_file), "-o", str(obj)],
-        [cc, "-shared", str(obj), "-o", str(out), *_link_args(runtime), "-lm"],
+        [*cc, *COMPILE_FLAGS, *includes, "-c", str(c_file), "-o", str(obj)],
+        [*cc, "-shared", str(obj), "-o", str(out), *link_flags],
     ]
     for cmd in cmds:
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"the compiler ran over {COMPILE_TIMEOUT_S:.0f} s: {shlex.join(cmd)}",
+                             fix="check that CC is a working C compiler") from None
         except (OSError, subprocess.SubprocessError) as exc:
-            raise BuildError(f"could not run {cmd[0]}: {exc}; set CC to a working C compiler") from exc
+            raise BuildError(f"could not run {cmd[0]} ({exc})", fix=_NO_COMPILER_FIX) from None
         if res.returncode != 0:
-            tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-12:])
+            output = (res.stderr.strip() + "\n" + res.stdout.strip()).strip()
             raise BuildError(
-                f"compiling the kernel failed (exit {res.returncode}):\n  {' '.join(cmd)}\n{tail}\n"
-                "Install a C compiler with OpenMP (gcc) and the Python headers, or set CC."
+                f"compiling the kernel failed ({cmd[0]} exited {res.returncode})",
+                details="\n".join(output.splitlines()[-12:]) or "(the compiler printed nothing)",
+                fix="install gcc with OpenMP and the Python headers (e.g. `apt-get install gcc "
+                "python3-dev`), or set CC to a working C compiler",
             )
     return out
 
@@ -268,131 +354,185 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-def _valid_entry(entry: Path, key: str) -> Path | None:
-    """The artefact of a complete, intact cache entry, or None."""
+def _valid_entry(entry: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The artefact and meta of a complete, intact cache entry, or None."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         artefact = entry / meta["artefact"]
         if meta.get("key") == key and _sha256(artefact) == meta["sha256"]:
-            return artefact
-    except (OSError, ValueError, KeyError, TypeError):
+            return artefact, meta
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
 
 
 def _discard(entry: Path) -> None:
-    """Move a broken entry aside (atomically) and delete it; loaded copies stay mapped."""
+    """Move an entry aside (atomically) and delete it; copies already loaded stay mapped.
+
+    Called only under the key's lock.
+    """
     if entry.exists():
         trash = entry.with_name(f"{entry.name}.broken-{os.getpid()}-{time.monotonic_ns()}")
-        try:
-            os.replace(entry, trash)
-        except OSError:
-            return
+        os.replace(entry, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _sweep(root: Path, key: str) -> None:
+    """Delete what builders of this key killed mid-way left behind (under the key's lock)."""
+    for stale in [*root.glob(f".build-{key}-*"), *root.glob(f"{key}.broken-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 class _FileLock:
     """An fcntl lock: released by the kernel when its holder dies, never stale."""
 
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT_S) -> None:
         self.path, self.timeout, self.fd = path, timeout, -1
 
     def __enter__(self) -> "_FileLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.timeout
         while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(self.fd)
-                    raise BuildError(
-                        f"waited {self.timeout:.0f}s for the build lock {self.path}; a process "
-                        "holding it is stuck. Kill it, or set ROUNDPIPE_CACHE_DIR elsewhere."
-                    ) from None
-                time.sleep(0.05)
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise BuildError(
+                                f"waited {self.timeout:.0f} s for the build lock {self.path}, held by "
+                                f"{self._holder(fd)}",
+                                fix="kill that process if it is stuck, or set ROUNDPIPE_CACHE_DIR elsewhere",
+                            ) from None
+                        time.sleep(0.05)
+                # `clean` deletes lock files while holding them: if ours was deleted,
+                # lock the one now at the path instead.
+                try:
+                    st, cur = os.fstat(fd), os.stat(self.path)
+                    same = (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+                    self.fd = fd
+                    return self
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "an unknown process"
+        except OSError:
+            return "an unknown process"
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
 
-def _writable_root() -> Path:
-    """The cache root, or a private temporary one (with one warning) if it is not writable."""
-    root = cache_root()
-    if os.environ.get("ROUNDPIPE_NO_CACHE") == "1":
-        return Path(tempfile.mkdtemp(prefix="roundpipe-"))
+def _unwritable(root: Path) -> OSError | None:
+    """None if builds can be written under root, else the error that says why not."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")
-        probe.close()
-        return root
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
     except OSError as exc:
-        private = Path(tempfile.mkdtemp(prefix="roundpipe-"))
-        warnings.warn(
-            f"roundpipe: the kernel cache {root} is not writable ({exc.strerror}); building in "
-            f"{private} for this process only. Set ROUNDPIPE_CACHE_DIR to a writable directory.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return private
+        return exc
+    return None
 
 
-def build_and_load(force: bool = False) -> ModuleType:
-    """Load the kernel for this host from the cache, building it first if needed."""
+def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleType:
+    """Load the kernel for this host from the cache, building it first if needed.
+
+    force: rebuild even if the cache holds an intact entry.
+    allow_private: if the cache root is not writable, build in a temporary
+    directory (with one RuntimeWarning) instead of raising BuildError.
+    """
     t0 = time.perf_counter()
-    cc = find_compiler()
+    cc = compiler_command()
     inputs = key_inputs(cc)
     key = cache_key(inputs)
-    root = _writable_root()
-    entry = root / key
-    INFO.key, INFO.key_inputs, INFO.cache_root = key, inputs, str(root)
-    if force:
-        with _FileLock(root / (key + ".lock"), LOCK_TIMEOUT_S):
-            _discard(entry)
+    root = cache_root()
+    INFO.key, INFO.key_inputs, INFO.cache_root, INFO.private_root = key, inputs, str(root), False
+    private: Path | None = None
+    try:
+        if _env_flag("ROUNDPIPE_NO_CACHE"):
+            private = root = Path(tempfile.mkdtemp(prefix="roundpipe-"))
+        elif not force:
+            # The warm path: an intact entry loads without a lock or a write.
+            found = _valid_entry(root / key, key)
+            if found is not None:
+                with contextlib.suppress(ImportError):
+                    module = _load(found[0])
+                    _loaded(found[0], True, found[1].get("build_seconds"), t0)
+                    return module
+        if private is None:
+            error = _unwritable(root)
+            if error is not None:
+                why = error.strerror or str(error)
+                if not allow_private:
+                    raise BuildError(f"the cache directory {root} is not writable ({why})",
+                                     fix="set ROUNDPIPE_CACHE_DIR to a writable directory")
+                private = Path(tempfile.mkdtemp(prefix="roundpipe-"))
+                warnings.warn(
+                    f"roundpipe: the kernel cache {root} is not writable ({why}); building the kernel "
+                    f"in {private} for this process only. Set ROUNDPIPE_CACHE_DIR to a writable directory.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                root = private
+        INFO.cache_root, INFO.private_root = str(root), private is not None
+        return _build_or_reuse(root, key, inputs, cc, force, t0)
+    finally:
+        if private is not None:  # the loaded module stays mapped; nothing leaks
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _build_or_reuse(root: Path, key: str, inputs: dict[str, Any], cc: list[str], force: bool,
+                    t0: float) -> ModuleType:
+    entry, rebuild = root / key, force
     for attempt in range(2):
-        artefact = _valid_entry(entry, key)
-        if artefact is None:
-            with _FileLock(root / (key + ".lock"), LOCK_TIMEOUT_S):
-                artefact = _valid_entry(entry, key)  # another process may have built it meanwhile
-                if artefact is None:
-                    _discard(entry)
-                    _build_entry(root, entry, key, inputs, cc)
-                    artefact = _valid_entry(entry, key)
-                    if artefact is None:
-                        raise BuildError(f"the freshly built cache entry {entry} does not verify")
-                else:
-                    INFO.from_cache = True
-        else:
-            INFO.from_cache = True
-            INFO.build_seconds = _recorded_build_seconds(entry)
+        with _FileLock(root / f"{key}.lock"):
+            _sweep(root, key)
+            found = None if rebuild else _valid_entry(entry, key)  # maybe another process built it
+            if found is None:
+                _discard(entry)
+                artefact, seconds = _build_entry(root, entry, key, inputs, cc)
+                from_cache = False
+            else:
+                (artefact, meta), from_cache = found, True
+                seconds = meta.get("build_seconds")
         try:
             module = _load(artefact)
-        except ImportError as exc:  # truncated or foreign binary that still hashed right
+        except ImportError as exc:  # a corrupt or foreign binary that still hashed right
             if attempt == 1:
-                raise BuildError(f"the kernel {artefact} does not load: {exc}") from exc
-            with _FileLock(root / (key + ".lock"), LOCK_TIMEOUT_S):
-                _discard(entry)
+                raise BuildError(f"the freshly built kernel {artefact} does not load ({exc})",
+                                 fix="check that CC builds for this Python") from None
+            rebuild = True
             continue
-        INFO.artefact = str(artefact)
-        INFO.load_seconds = time.perf_counter() - t0
+        _loaded(artefact, from_cache, seconds, t0)
         return module
-    raise BuildError("unreachable")
+    raise BuildError(f"the kernel {entry} does not load")  # not reached: attempt 1 returns or raises
 
 
-def _recorded_build_seconds(entry: Path) -> float | None:
-    try:
-        return float(json.loads((entry / "meta.json").read_text())["build_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def _loaded(artefact: Path, from_cache: bool, build_seconds: Any, t0: float) -> None:
+    INFO.artefact, INFO.from_cache = str(artefact), from_cache
+    INFO.build_seconds = float(build_seconds) if isinstance(build_seconds, (int, float)) else None
+    INFO.load_seconds = time.perf_counter() - t0
 
 
-def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any], cc: str) -> None:
+def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any],
+                 cc: list[str]) -> tuple[Path, float]:
+    """Compile into a private directory under root, then move it into place."""
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=f".build-{key[:8]}-", dir=root))
+    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
     try:
-        artefact = compile_kernel(work, cc, inputs["openmp_runtime"])
+        artefact = compile_kernel(work, cc, inputs["link_flags"])
         for scratch in work.iterdir():
             if scratch != artefact:
                 scratch.unlink()
@@ -404,36 +544,75 @@ def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any], cc: 
             "sha256": _sha256(artefact),
             "build_seconds": round(seconds, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "host": platform.node(),
+            "built_by": f"pid {os.getpid()} on {platform.node()}",
         }
-        (work / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (work / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.chmod(work, 0o755)  # mkdtemp makes it 0700; a shared cache is readable by all
         os.replace(work, entry)  # atomic: the entry appears complete or not at all
-        INFO.from_cache = False
-        INFO.build_seconds = seconds
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return entry / artefact.name, seconds
+
+
+def clean_cache(root: Path | None = None) -> list[Path]:
+    """Delete every cache entry (and lock, and leftover) under root; return what was removed.
+
+    Touches only names the builder creates, so a cache root set by mistake to a
+    directory with other files in it loses none of them. Each key's entry is
+    removed under that key's lock, so a build in progress finishes first.
+    """
+    root = root or cache_root()
+    if not root.is_dir():
+        return []
+    removed: list[Path] = []
+    keys = {p.name[:32] for p in root.iterdir() if _KEY_RE.match(p.name)}
+    keys |= {p.name[7:39] for p in root.glob(".build-*") if _KEY_RE.fullmatch(p.name[7:39])}
+    for key in sorted(keys):
+        lock = root / f"{key}.lock"
+        with _FileLock(lock):
+            _sweep(root, key)
+            entry = root / key
+            if entry.is_dir():
+                shutil.rmtree(entry)
+                removed.append(entry)
+            lock.unlink()  # while held: _FileLock's waiters notice and retry
+        removed.append(lock)
+    for probe in root.glob(".probe-*"):
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return removed
 
 
 def load_kernel() -> ModuleType | None:
     """The compiled kernel module, or None (with one RuntimeWarning) if it can't be had.
 
-    With ROUNDPIPE_REQUIRE_NATIVE=1 a failure raises ImportError instead.
+    With ROUNDPIPE_REQUIRE_NATIVE=1 a failure raises ImportError instead, on
+    every call.
     """
     global _module, _failed
     with _lock:
-        if _module is not None or _failed is not None:
-            return _module
-        try:
-            _module = build_and_load()
-        except (BuildError, OSError) as exc:
-            _failed = exc if isinstance(exc, BuildError) else BuildError(str(exc))
-            INFO.error = str(_failed)
-            if os.environ.get("ROUNDPIPE_REQUIRE_NATIVE") == "1":
-                raise ImportError(f"roundpipe: native kernel unavailable (ROUNDPIPE_REQUIRE_NATIVE=1): {_failed}") from exc
-            warnings.warn(
-                f"roundpipe: the native Adam kernel is unavailable, so roundpipe.optim.Adam runs "
-                f"torch's fused CPU Adam instead (same results, less speed).\nReason: {_failed}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if _module is None and _failed is None:
+            try:
+                _module = build_and_load()
+            except Exception as exc:  # never break a training job: fall back, say why
+                if isinstance(exc, BuildError):
+                    _failed = exc
+                else:
+                    _failed = BuildError(f"{type(exc).__name__}: {exc}",
+                                         fix="run `python -m roundpipe build` to see the error")
+                INFO.error = str(_failed)
+                if not _env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
+                    warnings.warn(
+                        "roundpipe: the native Adam kernel is unavailable, so roundpipe.optim.Adam "
+                        "runs torch's fused CPU Adam instead (same results, less speed).\n"
+                        f"Reason: {_failed}\n"
+                        "Set ROUNDPIPE_REQUIRE_NATIVE=1 to make this an error; "
+                        "`python -m roundpipe info` shows the setup.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+        if _failed is not None and _env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
+            raise ImportError(
+                f"roundpipe: the native kernel is unavailable and ROUNDPIPE_REQUIRE_NATIVE=1: {_failed}"
+            ) from _failed
         return _module
