@@ -173,7 +173,10 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
                       int amsgrad, int unscale, int64_t torch_vec)
 {
     const int pdt = t->param_dtype, mdt = t->exp_avg_dtype, vdt = t->exp_avg_sq_dtype;
-    const int64_t tail_start = torch_vec > 1 ? t->numel - t->numel % torch_vec : t->numel;
+    /* torch's half-precision kernels run twice as many lanes as its fp32 one;
+       with a master copy the reference is torch's fp32 step on the master. */
+    const int64_t tv = (pdt != RP_F32 && !t->master) ? 2 * torch_vec : torch_vec;
+    const int64_t tail_start = tv > 1 ? t->numel - t->numel % tv : t->numel;
     if (pdt == RP_F32 && mdt == RP_F32 && vdt == RP_F32 && !t->master) {
         adam_fp32(b, e - b, tail_start, (float *)t->param + b, (float *)t->grad + b, (float *)t->exp_avg + b,
                   (float *)t->exp_avg_sq + b,
@@ -202,8 +205,7 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
             if (vdt == RP_F32) x = (float *)ex; else { load_block(xb, ex, vdt, n); x = xb; }
         }
         adam_fp32(s, n, tail_start, p, g, m, v, x, k, amsgrad, unscale);
-        if (pdt != RP_F32) store_block(param, pdt, p, n);
-        else if (t->master) memcpy(param, p, (size_t)n * 4);
+        if (pdt != RP_F32) store_block(param, pdt, p, n); /* from the master copy, if any */
         if (unscale && pdt != RP_F32) store_block(grad, pdt, g, n);
         if (mdt != RP_F32) store_block(ea, mdt, m, n);
         if (vdt != RP_F32) store_block(es, vdt, v, n);

@@ -30,7 +30,11 @@ SERIAL_BELOW = 32768
 _TORCH_VEC = 8
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_SUPPORTED_DTYPES = (torch.float32, torch.complex64)
+# Param dtypes the kernel steps (complex64 as its float32 real view).
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Choices for exp_avg_dtype / exp_avg_sq_dtype (None: torch's layout, see _layout).
+_MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 def native_available() -> bool:
@@ -80,9 +84,9 @@ class _GroupPlan:
         self.n_chunks = 0
         self.hyper: Any = None  # rp_hyper *
         self.keepalive: list[Tensor] = []
+        self.config: tuple = ()
         self.amsgrad = False
-        self.pending_init: list[Tensor] = []  # params whose state is created on the first run
-        self.built = False
+        self.built = False  # state created and C arrays filled (on the first run)
 
     def matches(self, params_with_grad: list[Tensor], grads: list[Tensor], state: dict) -> bool:
         if len(grads) != len(self.grads):
@@ -134,10 +138,22 @@ class Adam(Optimizer):
         fused: accepted for compatibility and ignored, with a warning: the
             step is always fused.
         decoupled_weight_decay: the AdamW rule (default: False).
+        master_weights: for bfloat16/float16 params, keep an fp32 master copy
+            in ``state["master_param"]`` and fp32 moments; each step reads the
+            low-precision grad, updates master and moments in fp32 and writes
+            the param back rounded to nearest-even, in one pass. Bit-identical
+            to torch's fused step on the master with ``grad.float()`` followed
+            by ``param.copy_(master)``. float32 params ignore it (default: False).
+        exp_avg_dtype, exp_avg_sq_dtype: ``torch.float32`` or ``torch.bfloat16``
+            storage for the moments. bfloat16 halves state memory and traffic
+            but rounds the moments every step (see README). None: torch's
+            layout, the param's dtype, or float32 with master weights.
 
-    Limits: parameters must be contiguous CPU tensors of dtype float32 (or
-    complex64, stepped as their real view) with dense gradients of the same
-    shape and dtype. Anything else raises before any tensor is touched.
+    Limits: parameters must be contiguous CPU tensors of dtype float32,
+    bfloat16 or float16 (or complex64, stepped as its real view) with dense
+    gradients of the same shape and dtype. Anything else raises before any
+    tensor is touched. Low-precision params without master weights compute in
+    fp32 and store in their dtype, bit-identical to torch's fused Adam.
     """
 
     def __init__(
@@ -155,8 +171,12 @@ class Adam(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        exp_avg_dtype: torch.dtype | None = None,
+        exp_avg_sq_dtype: torch.dtype | None = None,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay)
+        _check_precision_options(master_weights, exp_avg_dtype, exp_avg_sq_dtype)
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
         if capturable:
@@ -190,6 +210,9 @@ class Adam(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
+            "master_weights": master_weights,
+            "exp_avg_dtype": exp_avg_dtype,
+            "exp_avg_sq_dtype": exp_avg_sq_dtype,
         }
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling itself.
@@ -207,6 +230,9 @@ class Adam(Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("master_weights", False)
+            group.setdefault("exp_avg_dtype", None)
+            group.setdefault("exp_avg_sq_dtype", None)
             for p in group["params"]:
                 p_state = self.state.get(p, [])
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
@@ -227,7 +253,21 @@ class Adam(Optimizer):
             self._plans.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, except that state tensors keep their saved dtype.
+
+        torch casts every floating state tensor to its param's dtype, which
+        would round fp32 master copies and moments of bf16 params to bf16.
+        """
         super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved or p not in self.state:
+                continue
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, Tensor) and self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
         self._plans.clear()
 
     # ---- step ------------------------------------------------------------------
@@ -281,38 +321,44 @@ class Adam(Optimizer):
                 params_with_grad.append(p)
                 grads.append(g)
         plan = self._plans.get(gi)
-        amsgrad = bool(group["amsgrad"])
-        if plan is not None and plan.group is group and plan.amsgrad == amsgrad and plan.matches(params_with_grad, grads, self.state):
+        config = (bool(group["amsgrad"]), bool(group["master_weights"]), group["exp_avg_dtype"], group["exp_avg_sq_dtype"])
+        if plan is not None and plan.group is group and plan.config == config and plan.matches(params_with_grad, grads, self.state):
             return plan
-        # Full check of every tensor, then state for new params, then the C arrays.
+        # Full check of every tensor and its state; state for new params and the
+        # C arrays are made on the first run, after every group has passed.
+        _check_precision_options(*config[1:], where=f" (param group {gi})")
         index = {id(p): i for i, p in enumerate(group["params"])}
         for p, g in zip(params_with_grad, grads):
-            _check_tensor(p, g, f"param group {gi}, param {index[id(p)]}")
-        for p in params_with_grad:
+            where = f"param group {gi}, param {index[id(p)]}"
+            _check_tensor(p, g, where)
+            layout = _layout(group, p, where)
             st = self.state.get(p)
             if st:
-                _check_state(p, st, amsgrad, f"param group {gi}, param {index[id(p)]}")
+                _check_state(p, st, config[0], layout, where)
         plan = _GroupPlan(group)
-        plan.amsgrad = amsgrad
+        plan.config = config
+        plan.amsgrad = config[0]
         plan.params, plan.grads = params_with_grad, grads
-        plan.pending_init = [p for p in params_with_grad if not self.state.get(p)]
         self._plans[gi] = plan
         return plan
 
     def _init_state(self, plan: _GroupPlan) -> None:
-        for p in plan.pending_init:
-            state = self.state[p]
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if plan.amsgrad:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        plan.pending_init = []
+        """Create state for params stepped for the first time (torch's layout plus master copies)."""
+        group = plan.group
         for p in plan.params:
-            st = self.state[p]
-            step = st["step"]
+            state = self.state[p]
+            master, m_dtype, v_dtype = _layout(group, p, "")
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=v_dtype, memory_format=torch.contiguous_format)
+                if plan.amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=v_dtype, memory_format=torch.contiguous_format)
+            if master and "master_param" not in state:
+                state["master_param"] = p.detach().to(torch.float32, copy=True)
+            step = state["step"]
             if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu"):
-                st["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
+                state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
         plan.states = [self.state[p] for p in plan.params]
         plan.param_ptrs = [p.data_ptr() for p in plan.params]
 
@@ -334,7 +380,10 @@ class Adam(Optimizer):
             t.exp_avg = ffi.cast("void *", views[2].data_ptr())
             t.exp_avg_sq = ffi.cast("void *", views[3].data_ptr())
             t.max_exp_avg_sq = ffi.cast("void *", views[4].data_ptr()) if plan.amsgrad else ffi.NULL
-            t.master = ffi.NULL
+            master = st.get("master_param") if plan.config[1] and p.dtype in _LOW_PRECISION else None
+            if master is not None:
+                keep.append(master)
+            t.master = ffi.cast("float *", master.data_ptr()) if master is not None else ffi.NULL
             t.step = ffi.cast("float *", st["step"].data_ptr())
             t.numel = views[0].numel()
             t.param_dtype = _DTYPE_CODES[views[0].dtype]
@@ -393,10 +442,14 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        exp_avg_dtype: torch.dtype | None = None,
+        exp_avg_sq_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            master_weights=master_weights, exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -410,34 +463,60 @@ class AdamW(Adam):
 
 def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
     """The one place that decides which params and grads the kernel accepts."""
-    if p.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"roundpipe Adam: {where} has dtype {p.dtype}; supported: float32 (and complex64)")
+    if p.dtype not in _PARAM_DTYPES:
+        raise TypeError(
+            f"roundpipe Adam: {where} has dtype {p.dtype}; supported: float32, bfloat16, float16, complex64"
+        )
     if p.device.type != "cpu":
         raise RuntimeError(f"roundpipe Adam: {where} is on {p.device}; it steps CPU tensors only")
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError(f"roundpipe Adam: {where} has a sparse gradient; use torch.optim.SparseAdam")
     if g.dtype != p.dtype:
-        raise TypeError(f"roundpipe Adam: {where} has grad dtype {g.dtype} but param dtype {p.dtype}")
+        raise TypeError(f"roundpipe Adam: {where} has grad dtype {g.dtype} but param dtype {p.dtype}; they must match")
     if g.device.type != "cpu":
         raise RuntimeError(f"roundpipe Adam: {where} has its grad on {g.device}; move it to the CPU")
     if g.shape != p.shape:
         raise ValueError(f"roundpipe Adam: {where} has grad shape {tuple(g.shape)} but param shape {tuple(p.shape)}")
     if not p.is_contiguous():
-        raise ValueError(f"roundpipe Adam: {where} is not contiguous; make it so with .data = p.contiguous()")
+        raise ValueError(f"roundpipe Adam: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
     if not g.is_contiguous():
         raise ValueError(f"roundpipe Adam: {where} has a non-contiguous grad; make it contiguous before step()")
 
 
-def _check_state(p: Tensor, st: dict[str, Any], amsgrad: bool, where: str) -> None:
-    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-    for name in names:
+def _check_precision_options(master_weights: Any, exp_avg_dtype: Any, exp_avg_sq_dtype: Any, where: str = "") -> None:
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights must be a bool{where}, got {master_weights!r}")
+    for name, value in (("exp_avg_dtype", exp_avg_dtype), ("exp_avg_sq_dtype", exp_avg_sq_dtype)):
+        if value not in _MOMENT_DTYPES:
+            raise TypeError(f"{name} must be torch.float32, torch.bfloat16 or None{where}, got {value!r}")
+
+
+def _layout(group: dict[str, Any], p: Tensor, where: str) -> tuple[bool, torch.dtype, torch.dtype]:
+    """(keeps an fp32 master copy, exp_avg dtype, exp_avg_sq dtype) for param p in group."""
+    master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
+    base = torch.float32 if master else p.dtype
+    m_dtype = group["exp_avg_dtype"] or base
+    v_dtype = group["exp_avg_sq_dtype"] or base
+    if p.is_complex() and (m_dtype, v_dtype) != (p.dtype, p.dtype):
+        raise TypeError(f"roundpipe Adam: {where} is complex; exp_avg_dtype/exp_avg_sq_dtype apply to real params only")
+    return master, m_dtype, v_dtype
+
+
+def _check_state(p: Tensor, st: dict[str, Any], amsgrad: bool, layout: tuple, where: str) -> None:
+    master, m_dtype, v_dtype = layout
+    expected = {"exp_avg": m_dtype, "exp_avg_sq": v_dtype}
+    if amsgrad:
+        expected["max_exp_avg_sq"] = v_dtype
+    if master and "master_param" in st:
+        expected["master_param"] = torch.float32
+    for name, dtype in expected.items():
         t = st.get(name)
         if t is None:
             raise RuntimeError(f"roundpipe Adam: {where} has no state[{name!r}] (was amsgrad turned on mid-training?)")
-        if t.dtype != p.dtype or t.shape != p.shape or t.device.type != "cpu" or not t.is_contiguous():
+        if t.dtype != dtype or t.shape != p.shape or t.device.type != "cpu" or not t.is_contiguous():
             raise RuntimeError(
                 f"roundpipe Adam: {where} has state[{name!r}] of dtype {t.dtype}, shape {tuple(t.shape)} "
-                f"on {t.device}; expected a contiguous CPU tensor like the param"
+                f"on {t.device}; this group keeps it as a contiguous CPU {dtype} tensor of shape {tuple(p.shape)}"
             )
     if "step" not in st:
         raise RuntimeError(f"roundpipe Adam: {where} has no state['step']")
@@ -457,15 +536,29 @@ def _amp_scalar(t: Tensor | None, name: str) -> Tensor | None:
 
 
 def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-    """The same step through torch's own fused CPU kernel, for hosts without a compiler."""
+    """The same step through torch's own fused CPU kernel, for hosts without a compiler.
+
+    Tensors whose state torch's kernel can take directly (everything in the
+    param's dtype) go straight in; master-weight and mixed-dtype tensors are
+    stepped through fp32 copies (the master, ``grad.float()``) and written back.
+    """
     group = plan.group
-    real = lambda ts: [torch.view_as_real(t) if t.is_complex() else t for t in ts]  # noqa: E731
-    params = real(plan.params)
-    grads = real(plan.grads)
-    exp_avgs = real([st["exp_avg"] for st in plan.states])
-    exp_avg_sqs = real([st["exp_avg_sq"] for st in plan.states])
-    max_sqs = real([st["max_exp_avg_sq"] for st in plan.states]) if plan.amsgrad else []
-    steps = [st["step"] for st in plan.states]
+    real = lambda t: torch.view_as_real(t) if t.is_complex() else t  # noqa: E731
+    lists: list[list[Tensor]] = [[], [], [], [], [], []]
+    write_back: list[tuple[Tensor, Tensor]] = []
+    for p, g, st in zip(plan.params, plan.grads, plan.states):
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if plan.amsgrad else [])
+        master = st.get("master_param") if plan.config[1] and p.dtype in _LOW_PRECISION else None
+        if master is None and all(st[n].dtype == p.dtype for n in names):
+            tensors = [real(p), real(g)] + [real(st[n]) for n in names]
+        else:
+            work = master if master is not None else p.float()
+            tensors = [work, g.float()] + [st[n].float() for n in names]
+            write_back += [(p, work), (g, tensors[1])] + [(st[n], t) for n, t in zip(names, tensors[2:])]
+        for lst, t in zip(lists, tensors[:4] + ([tensors[4]] if plan.amsgrad else [])):
+            lst.append(t)
+        lists[5].append(st["step"])
+    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = lists
     beta1, beta2 = group["betas"]
     torch._foreach_add_(steps, 1)
     fn = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
@@ -477,3 +570,6 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     )
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
+    for dst, src in write_back:
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src)
