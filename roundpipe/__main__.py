@@ -1,0 +1,270 @@
+"""``python -m roundpipe info|build|clean``: inspect, prebuild or empty the kernel cache.
+
+  info [--timing] [--repeat N] [--vec]
+      what this host uses: version, cache dir and key, CPU and SIMD features,
+      compiler and flags, artefact, OpenMP runtime and threads (builds the
+      kernel if the cache lacks it). --timing also measures cold and warm
+      import against ``import torch`` alone, each in a fresh process.
+      --vec prints the compiler's vectorization report for adam.c (gcc).
+  build [--force]
+      build ahead of time (container images, CI warm-up); fails if the cache
+      directory is not writable, rather than building somewhere temporary.
+  clean
+      delete every cache entry under the cache directory.
+
+Errors are one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__, _build
+
+# The SIMD extensions adam.c's loops can use, as the compiler's -march=native
+# macros name them (x86, then arm64), with the /proc/cpuinfo flag names.
+SIMD_MACROS = {
+    "__SSE4_2__": "sse4_2", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
+    "__AVX512F__": "avx512f", "__AVX512DQ__": "avx512dq", "__AVX512BW__": "avx512bw",
+    "__AVX512VL__": "avx512vl", "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16",
+    "__ARM_NEON": "asimd", "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp",
+    "__ARM_FEATURE_BF16": "bf16", "__ARM_FEATURE_SVE": "sve", "__ARM_FEATURE_SVE2": "sve2",
+}
+
+TIMING_PROBE = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+native = from_cache = None
+if sys.argv[1] == "roundpipe":
+    import roundpipe.optim
+    from roundpipe import _build
+    native, from_cache = roundpipe.optim.native_available(), _build.INFO.from_cache
+t2 = time.perf_counter()
+print(json.dumps({"torch": t1 - t0, "roundpipe": t2 - t1, "native": native, "from_cache": from_cache}))
+"""
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        self.exit(2, f"roundpipe: error: {message} (see `python -m roundpipe --help`)\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, _build.BuildError):
+        return exc.one_line()
+    if isinstance(exc.__cause__, _build.BuildError):  # ImportError under ROUNDPIPE_REQUIRE_NATIVE
+        return "native kernel required (ROUNDPIPE_REQUIRE_NATIVE=1) but " + exc.__cause__.one_line()
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, CommandError) else f"{type(exc).__name__}: {text}"
+
+
+def _simd_features(inputs: dict[str, Any]) -> str:
+    macros = _build.native_macros()
+    if macros:
+        names = [name for macro, name in SIMD_MACROS.items() if macro in macros]
+        return " ".join(names) + "  (enabled by -march=native)"
+    flags = set(str(inputs.get("cpu_flags", "")).split())
+    names = [name for name in SIMD_MACROS.values() if name in flags]
+    return " ".join(names) + "  (CPU flags; no compiler to ask)"
+
+
+def _row(name: str, value: object) -> None:
+    print(f"{name:<14}{value}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = _build.load_kernel()  # ImportError under ROUNDPIPE_REQUIRE_NATIVE=1
+    info = _build.INFO
+    inputs = info.key_inputs
+    env_dir = os.environ.get("ROUNDPIPE_CACHE_DIR")
+    import cffi
+
+    _row("roundpipe", f"{__version__}  (torch {torch.__version__}, cffi {cffi.__version__}, "
+                      f"python {sys.version.split()[0]} {sys.implementation.cache_tag})")
+    configured = str(_build.cache_root()) + ("  (ROUNDPIPE_CACHE_DIR)" if env_dir else "")
+    _row("cache dir", configured)
+    if info.private_root:
+        _row("", f"not used: built in {info.cache_root}, deleted after loading")
+    _row("cache key", info.key or "(none: the key could not be computed)")
+    _row("cpu", f"{_build.cpu_model()}  ({inputs.get('machine') or os.uname().machine})")
+    _row("simd", _simd_features(inputs))
+    try:
+        compiler = _build.find_compiler()
+    except _build.BuildError as exc:
+        compiler = f"none ({exc.reason})"
+    _row("compiler", compiler + (f"  ({inputs['compiler_version'].splitlines()[0]})"
+                                 if inputs.get("compiler_version") else ""))
+    _row("compile flags", " ".join(_build.COMPILE_FLAGS))
+    if inputs.get("link_flags"):
+        _row("link flags", " ".join(inputs["link_flags"]))
+    if module is not None:
+        _row("kernel", "native (roundpipe's compiled kernel)")
+        _row("artefact", info.artefact + ("  (deleted after loading)" if info.private_root else ""))
+        _row("from cache", "yes" if info.from_cache else "no (built by this command)")
+        build = f"{info.build_seconds:.2f} s" if info.build_seconds is not None else "unknown"
+        _row("build time", build + (f"; this import's load {info.load_seconds * 1e3:.0f} ms" if info.load_seconds else ""))
+    else:
+        reason = info.error or "unknown"
+        failed = _build._failed
+        _row("kernel", "FALLBACK: torch's fused CPU Adam (same results, less speed)")
+        _row("reason", failed.one_line() if failed else " ".join(reason.split()))
+    runtimes = _build.openmp_runtimes_mapped()
+    _row("openmp", ", ".join(runtimes) if runtimes else "none mapped")
+    if len(runtimes) > 1:
+        _row("", f"WARNING: {len(runtimes)} OpenMP runtimes are mapped; they will fight over the cores")
+    omp_env = os.environ.get("OMP_NUM_THREADS")
+    _row("threads", f"{torch.get_num_threads()}  (torch.get_num_threads(); "
+                    f"OMP_NUM_THREADS={omp_env if omp_env is not None else 'unset'})")
+    for w in caught:  # the fallback's warning is the "reason" row already
+        text = " ".join(str(w.message).split()).removeprefix("roundpipe: ")
+        if module is not None or not text.startswith("the native Adam kernel is unavailable"):
+            print(f"roundpipe: warning: {text}", file=sys.stderr)
+    if args.vec:
+        _vectorization_report()
+    if args.timing:
+        _timing_report(max(1, args.repeat))
+    return 0
+
+
+def _vectorization_report() -> None:
+    cc = _build.compiler_command()
+    flags = [f for f in _build.COMPILE_FLAGS if f != "-w"]
+    cmd = [*cc, *flags, "-fopt-info-vec-optimized", "-c", str(_build.KERNEL_SOURCE), "-o", os.devnull]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=_build.COMPILE_TIMEOUT_S)
+    if res.returncode != 0:
+        raise CommandError(f"the vectorization report needs gcc: {shlex.join(cmd)} exited {res.returncode}")
+    lines = [ln for ln in res.stderr.splitlines() if "adam.c" in ln]
+    print(f"\nvectorized loops in adam.c ({len(lines)}):")
+    for line in lines:
+        print("  " + line.replace(str(_build.KERNEL_DIR) + os.sep, ""))
+
+
+def _probe(mode: str, cache_dir: str) -> dict[str, Any]:
+    env = {**os.environ, "ROUNDPIPE_CACHE_DIR": cache_dir}
+    env.pop("ROUNDPIPE_NO_CACHE", None)
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", TIMING_PROBE, mode], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=tempfile.gettempdir())
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CommandError(f"the timing probe ({mode}) failed: {last}")
+    result: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    result["process"] = wall
+    return result
+
+
+def _timing_report(repeat: int) -> None:
+    med = statistics.median
+    torch_alone, cold, warm = [], [], []
+    warm_dir = tempfile.mkdtemp(prefix="roundpipe-timing-")
+    try:
+        for _ in range(repeat):
+            torch_alone.append(_probe("torch", warm_dir))
+            cold_dir = tempfile.mkdtemp(prefix="roundpipe-timing-")  # fresh and empty every time
+            try:
+                cold.append(_probe("roundpipe", cold_dir))
+            finally:
+                shutil.rmtree(cold_dir, ignore_errors=True)
+        _probe("roundpipe", warm_dir)  # fill the warm cache
+        warm = [_probe("roundpipe", warm_dir) for _ in range(repeat)]
+    finally:
+        shutil.rmtree(warm_dir, ignore_errors=True)
+    if not all(r["native"] for r in cold + warm):
+        raise CommandError("the timing probes fell back to torch's Adam: run `python -m roundpipe build`")
+    if any(r["from_cache"] for r in cold) or not all(r["from_cache"] for r in warm):
+        raise CommandError("the timing probes did not build/reuse the cache as expected")
+
+    def m(rows: list[dict[str, Any]], k: str) -> float:
+        return med(r[k] for r in rows)
+
+    t_torch = m(torch_alone, "torch")
+    cold_total = m(cold, "torch") + m(cold, "roundpipe")
+    warm_add = m(warm, "roundpipe")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\ntiming: fresh processes, median of {repeat}; {os.cpu_count()} CPUs, load average {load}\n"
+          "  (in-process import times; whole-process wall time, startup and exit included, in brackets)")
+    print(f"  import torch alone                   {t_torch:7.3f} s  [{m(torch_alone, 'process'):.2f} s]")
+    print(f"  cold: import torch, roundpipe.optim  {cold_total:7.3f} s = torch {m(cold, 'torch'):.3f} s"
+          f" + roundpipe.optim {m(cold, 'roundpipe'):.3f} s (build)  [{m(cold, 'process'):.2f} s]")
+    print(f"  warm: import torch, roundpipe.optim  {m(warm, 'torch') + warm_add:7.3f} s = torch "
+          f"{m(warm, 'torch'):.3f} s + roundpipe.optim {warm_add:.3f} s  [{m(warm, 'process'):.2f} s]")
+    print(f"  cold first import {cold_total:.2f} s (target <= 3 s): {'ok' if cold_total <= 3 else 'MISSED'}")
+    print(f"  warm import adds {warm_add * 1e3:.1f} ms over import torch (target <= 50 ms): "
+          f"{'ok' if warm_add <= 0.05 else 'MISSED'}")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if _build._env_flag("ROUNDPIPE_NO_CACHE"):
+        raise CommandError("ROUNDPIPE_NO_CACHE=1 is set, so a build would not be kept; unset it to build ahead")
+    _build.build_and_load(force=args.force, allow_private=False)
+    info = _build.INFO
+    if info.from_cache:
+        print(f"up to date: {info.artefact}  (key {info.key}, built in {info.build_seconds or 0:.2f} s)")
+    else:
+        print(f"built {info.artefact} in {info.build_seconds or 0:.2f} s  (key {info.key})")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    root = _build.cache_root()
+    removed = _build.clean_cache(root)
+    entries = [p for p in removed if not p.name.endswith(".lock")]
+    if removed:
+        print(f"removed {len(entries)} cache entr{'y' if len(entries) == 1 else 'ies'} "
+              f"({len(removed)} paths) from {root}")
+    else:
+        print(f"nothing to clean in {root}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="python -m roundpipe", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{info,build,clean}", parser_class=_Parser)
+    p_info = sub.add_parser("info", help="show what this host uses (builds the kernel if needed)")
+    p_info.add_argument("--timing", action="store_true", help="measure cold and warm import times")
+    p_info.add_argument("--repeat", type=int, default=3, help="timing runs per measurement (default 3)")
+    p_info.add_argument("--vec", action="store_true", help="print gcc's vectorization report for adam.c")
+    p_build = sub.add_parser("build", help="build the kernel into the cache ahead of time")
+    p_build.add_argument("--force", action="store_true", help="rebuild even if the cache has it")
+    sub.add_parser("clean", help="delete every cache entry")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: info, build or clean")
+    handler = {"info": cmd_info, "build": cmd_build, "clean": cmd_clean}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("roundpipe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract: one readable line, no traceback
+        print(f"roundpipe: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
