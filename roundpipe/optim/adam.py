@@ -89,7 +89,7 @@ class _GroupPlan:
         self.built = False  # state created and C arrays filled (on the first run)
 
     def matches(self, params_with_grad: list[Tensor], grads: list[Tensor], state: dict) -> bool:
-        if len(grads) != len(self.grads):
+        if not self.built or len(grads) != len(self.grads):
             return False
         for p, g, g0, s0, ptr in zip(params_with_grad, grads, self.grads, self.states, self.param_ptrs):
             if g is not g0 or state.get(p) is not s0 or p.data_ptr() != ptr:
