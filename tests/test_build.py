@@ -1,0 +1,491 @@
+"""The kernel cache (issue 3): one build for many processes, recovery, keys, configuration, fallback.
+
+Every test gets its own empty ROUNDPIPE_CACHE_DIR and TMPDIR, and anything that
+depends on import-time state runs in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_python
+
+from roundpipe import _build
+
+REAL_CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ISOLATED = ("CC", "ROUNDPIPE_REQUIRE_NATIVE", "ROUNDPIPE_NO_CACHE", "ROUNDPIPE_CACHE_DIR")
+LAST_JSON = "print('RESULT ' + json.dumps(result))"
+
+
+def needs_compiler() -> str:
+    if REAL_CC is None:
+        pytest.fail("these tests need a C compiler (cc, gcc or clang) on PATH")
+    return REAL_CC
+
+
+def make_cc(directory: Path, *, log: Path | None = None, slow: Path | None = None,
+            started: Path | None = None, fail_with: str | None = None) -> str:
+    """A compiler wrapper: logs each compile (-c) to `log`, sleeps while `slow` exists
+    (touching `started` first), or fails compiles printing `fail_with`; otherwise runs cc."""
+    real = needs_compiler()
+    lines = ["#!/bin/sh", 'case " $* " in', '  *" -c "*)']
+    if log:
+        lines.append(f'    echo "$$ $*" >> "{log}"')
+    if slow:
+        lines.append(f'    if [ -e "{slow}" ]; then touch "{started}"; sleep 60; fi')
+    if fail_with:
+        lines += [f'    echo "{fail_with}" >&2', '    echo "compilation terminated." >&2', "    exit 1"]
+    lines += ["    ;;", "esac", f'exec "{real}" "$@"', ""]
+    path = directory / "fake-cc"
+    path.write_text("\n".join(lines))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return str(path)
+
+
+def result_of(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON a subprocess printed after 'RESULT '; fails the test with its output if none."""
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise AssertionError(f"no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if p.is_dir() and _build._KEY_RE.fullmatch(p.name))
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache root and TMPDIR of this test's own, and no inherited roundpipe settings."""
+    for name in ISOLATED:
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "cache"
+    monkeypatch.setenv("ROUNDPIPE_CACHE_DIR", str(root))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache root holding one entry built for this host, to copy from."""
+    needs_compiler()
+    root = tmp_path_factory.mktemp("built") / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ISOLATED:
+            mp.delenv(name, raising=False)
+        proc = run_python("import roundpipe.optim as o; assert o.native_available()",
+                          env={"ROUNDPIPE_CACHE_DIR": str(root)}, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+# Imports roundpipe.optim in a fresh process and reports what happened.
+IMPORT_AND_REPORT = """
+import json, os, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import roundpipe.optim as rpo
+    from roundpipe import _build
+    native = rpo.native_available()
+result = {"native": native, "from_cache": _build.INFO.from_cache, "key": _build.INFO.key,
+          "artefact": _build.INFO.artefact, "root": _build.INFO.cache_root,
+          "root_exists": os.path.exists(_build.INFO.cache_root), "private": _build.INFO.private_root,
+          "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}
+"""
+
+
+def import_and_report(timeout: float = 180, **env: str) -> dict:
+    proc = run_python(IMPORT_AND_REPORT + LAST_JSON, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return result_of(proc)
+
+
+# ---- 1. many processes, one build; a build killed mid-way -------------------
+
+RACER = """
+import json, os, sys, time
+import torch
+ready, go = sys.argv[1], sys.argv[2]
+open(os.path.join(ready, str(os.getpid())), "w").close()
+deadline = time.monotonic() + 120
+while not os.path.exists(go):  # start the imports together, as torchrun's ranks do
+    if time.monotonic() > deadline:
+        sys.exit("never told to go")
+    time.sleep(0.002)
+import roundpipe.optim as rpo
+from roundpipe import _build
+result = {"native": rpo.native_available(), "from_cache": _build.INFO.from_cache, "key": _build.INFO.key}
+"""
+
+
+def test_eight_processes_on_an_empty_cache_build_once(tmp_path, cache, monkeypatch):
+    log = tmp_path / "compiles.log"
+    monkeypatch.setenv("CC", make_cc(tmp_path, log=log))
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", RACER + LAST_JSON, str(ready), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS_DIR)
+             for _ in range(8)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(ready.iterdir())) < 8 and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), "a process died before the race"
+            time.sleep(0.02)
+        go.touch()
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        results.append(result_of(subprocess.CompletedProcess(p.args, p.returncode, out, err)))
+    assert all(r["native"] for r in results)
+    assert len({r["key"] for r in results}) == 1
+    compiles = log.read_text().splitlines()
+    assert len(compiles) == 1, compiles  # the compiler ran once for all eight
+    assert sum(not r["from_cache"] for r in results) == 1  # one built, seven waited and loaded it
+    assert [e.name for e in entries(cache)] == [results[0]["key"]]
+    assert not list(cache.glob(".build-*"))
+
+
+def test_a_build_killed_mid_way_does_not_block_the_next_import(tmp_path, cache, monkeypatch):
+    slow, started = tmp_path / "slow", tmp_path / "started"
+    slow.touch()
+    monkeypatch.setenv("CC", make_cc(tmp_path, slow=slow, started=started))
+    victim = subprocess.Popen([sys.executable, "-c", "import roundpipe.optim"], cwd=TESTS_DIR,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert victim.poll() is None, "the build finished or failed before it could be killed"
+            assert time.monotonic() < deadline, "the build never started"
+            time.sleep(0.02)
+        assert list(cache.glob(".build-*")) and not entries(cache)  # mid-build: no entry yet
+        os.kill(victim.pid, signal.SIGKILL)  # with the build lock held
+        victim.wait(timeout=30)
+        slow.unlink()
+        after = import_and_report(timeout=120)  # bounded: flock died with its holder
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim.pid, signal.SIGKILL)  # the orphaned, sleeping compiler wrapper
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert after["native"] and not after["from_cache"]
+    assert [e.name for e in entries(cache)] == [after["key"]]
+    assert not list(cache.glob(".build-*")), "the dead builder's temporary directory was not swept"
+
+
+# ---- 2. atomic install: corrupt entries are rebuilt -------------------------
+
+
+def _corrupt(entry: Path, how: str) -> None:
+    meta_path = entry / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    artefact = entry / meta["artefact"]
+    if how == "truncated":
+        data = artefact.read_bytes()
+        artefact.write_bytes(data[: len(data) // 2])
+    elif how == "garbage-with-matching-sha256":  # passes the hash check, fails to load
+        artefact.write_bytes(b"\x7fELF not really a shared object" * 64)
+        meta["sha256"] = hashlib.sha256(artefact.read_bytes()).hexdigest()
+        meta_path.write_text(json.dumps(meta))
+    elif how == "meta-garbage":
+        meta_path.write_text('{"key": ')
+    elif how == "artefact-missing":
+        artefact.unlink()
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage-with-matching-sha256", "meta-garbage", "artefact-missing"])
+def test_a_corrupt_entry_is_rebuilt(how, built, cache):
+    shutil.copytree(built, cache)
+    (entry,) = entries(cache)
+    _corrupt(entry, how)
+    after = import_and_report()
+    assert after["native"] and not after["from_cache"] and after["key"] == entry.name
+    assert _build._valid_entry(entry, entry.name) is not None
+    assert not [p for p in cache.iterdir() if ".broken-" in p.name or p.name.startswith(".build-")]
+
+
+def test_an_intact_entry_loads_without_a_lock_or_a_write(built, cache):
+    """A prebuilt cache on a read-only file system (a container image) must load as is."""
+    shutil.copytree(built, cache)
+    no_writes = """
+import roundpipe._build as b
+def refuse(*args, **kwargs):
+    raise PermissionError(13, "read-only file system (simulated)")
+b._unwritable = refuse
+b._FileLock.__enter__ = refuse
+b.tempfile.mkdtemp = refuse
+"""
+    proc = run_python(no_writes + IMPORT_AND_REPORT + LAST_JSON, timeout=180)
+    result = result_of(proc)
+    assert result["native"] and result["from_cache"] and result["warnings"] == []
+
+
+# ---- 3. the key ------------------------------------------------------------
+
+
+def _fake_cpuinfo(path: Path, model: str, flags: str) -> Path:
+    path.write_text(f"processor\t: 0\nvendor_id\t: Fake\nmodel name\t: {model}\nflags\t\t: {flags}\n\n"
+                    f"processor\t: 1\nvendor_id\t: Fake\nmodel name\t: {model}\nflags\t\t: {flags}\n")
+    return path
+
+
+HOST_A = "fpu sse sse2 avx avx2 fma f16c avx512f avx512bw avx512vl"
+HOST_B = "fpu sse sse2 avx avx2 fma f16c"
+
+
+def test_the_key_follows_the_cpu_flag_source(tmp_path, monkeypatch):
+    needs_compiler()
+    keys, inputs = {}, {}
+    for host, flags in (("a", HOST_A), ("b", HOST_B)):
+        monkeypatch.setattr(_build, "CPUINFO", str(_fake_cpuinfo(tmp_path / host, f"Fake {host}", flags)))
+        assert _build.cpu_flags() == " ".join(sorted(flags.split()))
+        assert _build.cpu_model() == f"Fake {host}"
+        inputs[host] = _build.key_inputs()
+        keys[host] = _build.cache_key(inputs[host])
+    assert keys["a"] != keys["b"]
+    assert {k for k in inputs["a"] if inputs["a"][k] != inputs["b"][k]} == {"cpu_flags"}
+
+
+def test_the_key_covers_every_input():
+    needs_compiler()
+    inputs = _build.key_inputs()
+    required = {"cpu_flags", "compiler", "compiler_version", "compile_flags", "link_flags",
+                "source_sha256", "python_abi", "cffi_version", "cache_version", "openmp_runtime"}
+    assert required <= set(inputs)
+    import cffi
+
+    assert inputs["cffi_version"] == cffi.__version__
+    assert sys.implementation.cache_tag in inputs["python_abi"]
+    assert inputs["compile_flags"] == _build.COMPILE_FLAGS
+    assert inputs["compiler_version"].strip()
+    key = _build.cache_key(inputs)
+    for name, value in inputs.items():
+        changed = {**inputs, name: [value, "changed"]}
+        assert _build.cache_key(changed) != key, f"{name} does not affect the key"
+
+
+def test_the_key_covers_the_source_and_cdef(tmp_path, monkeypatch):
+    needs_compiler()
+    before = _build.key_inputs()["source_sha256"]
+    for attr in ("KERNEL_SOURCE", "KERNEL_HEADER"):
+        original = getattr(_build, attr)
+        copy = tmp_path / original.name
+        copy.write_bytes(original.read_bytes() + b"\n/* edited */\n")
+        with monkeypatch.context() as mp:
+            mp.setattr(_build, attr, copy)
+            assert _build.key_inputs()["source_sha256"] != before, attr
+
+
+def test_cc_with_arguments_is_one_compiler_identity(monkeypatch):
+    real = needs_compiler()
+    monkeypatch.setenv("CC", f"{os.path.basename(real)} -DROUNDPIPE_TEST=1")
+    assert _build.compiler_command() == [shutil.which(os.path.basename(real)), "-DROUNDPIPE_TEST=1"]
+    with_args = _build.key_inputs()
+    monkeypatch.setenv("CC", real)
+    assert _build.cache_key(with_args) != _build.cache_key(_build.key_inputs())
+
+
+def test_two_hosts_sharing_a_cache_get_separate_entries(tmp_path, cache):
+    """Two CPUs, one home directory: each gets its own entry, and meta.json says why."""
+    needs_compiler()
+    fakes = {h: str(_fake_cpuinfo(tmp_path / h, f"Fake {h}", f)) for h, f in (("a", HOST_A), ("b", HOST_B))}
+    code = f"""
+import json
+from roundpipe import _build
+result = []
+for host in ("a", "b", "a"):
+    _build.CPUINFO = {fakes!r}[host]
+    _build.build_and_load()
+    result.append({{"host": host, "key": _build.INFO.key, "from_cache": _build.INFO.from_cache}})
+"""
+    proc = run_python(code + LAST_JSON, timeout=180)
+    runs = result_of(proc)
+    assert runs[0]["key"] != runs[1]["key"] and runs[2]["key"] == runs[0]["key"]
+    assert [r["from_cache"] for r in runs] == [False, False, True]
+    found = entries(cache)
+    assert sorted(e.name for e in found) == sorted({runs[0]["key"], runs[1]["key"]})
+    metas = {}
+    for entry in found:
+        meta = json.loads((entry / "meta.json").read_text())  # next to the artefact
+        assert meta["key"] == entry.name == _build.cache_key(meta["inputs"])
+        artefact = entry / meta["artefact"]
+        assert artefact.is_file() and hashlib.sha256(artefact.read_bytes()).hexdigest() == meta["sha256"]
+        assert meta["build_seconds"] > 0
+        metas[entry.name] = meta
+    assert metas[runs[0]["key"]]["inputs"]["cpu_flags"] == " ".join(sorted(HOST_A.split()))
+    assert metas[runs[1]["key"]]["inputs"]["cpu_flags"] == " ".join(sorted(HOST_B.split()))
+
+
+# ---- 4. configuration -------------------------------------------------------
+
+
+def test_cache_dir_and_cc_are_honoured(tmp_path, cache, monkeypatch):
+    log = tmp_path / "compiles.log"
+    cc = make_cc(tmp_path, log=log)
+    monkeypatch.setenv("CC", cc)
+    result = import_and_report()
+    assert result["native"] and not result["from_cache"] and result["warnings"] == []
+    assert Path(result["artefact"]).parent == cache / result["key"]
+    assert len(log.read_text().splitlines()) == 1
+    meta = json.loads((cache / result["key"] / "meta.json").read_text())
+    assert meta["inputs"]["compiler"] == cc
+
+
+def test_an_unwritable_cache_root_builds_privately_with_one_warning(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    root = blocker / "cache"  # root can't write here either: it is under a regular file
+    monkeypatch.setenv("ROUNDPIPE_CACHE_DIR", str(root))
+    result = import_and_report()
+    assert result["native"] and result["private"]
+    assert len(result["warnings"]) == 1, result["warnings"]
+    (warning,) = result["warnings"]
+    assert warning.startswith("RuntimeWarning") and str(root) in warning and "not writable" in warning
+    assert "ROUNDPIPE_CACHE_DIR" in warning
+    assert not result["root_exists"]  # the private build directory is deleted after loading
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing left in TMPDIR
+
+
+def test_no_cache_builds_privately_and_leaves_nothing(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("ROUNDPIPE_NO_CACHE", "1")
+    result = import_and_report()
+    assert result["native"] and not result["from_cache"] and result["private"]
+    assert result["warnings"] == []
+    assert not result["root_exists"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not cache.exists()
+
+
+# ---- 5. no compiler, or a compile error --------------------------------------
+
+FALLBACK_RUN = """
+import json, warnings
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import roundpipe.optim as rpo
+
+    def train(cls, **kw):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=gen).requires_grad_() for n in (1, 17, 1000)]
+        opt = cls(params, lr=1e-2, weight_decay=0.1, amsgrad=True, **kw)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().view(torch.int32) for p in params] + [
+            s.view(torch.int32) for p in params for s in opt.state[p].values() if s.dim()]
+
+    same = all(torch.equal(a, b) for a, b in zip(train(rpo.Adam), train(torch.optim.Adam, fused=True)))
+    same_w = all(torch.equal(a, b) for a, b in zip(train(rpo.AdamW), train(torch.optim.AdamW, fused=True)))
+    rpo.Adam([torch.zeros(3, requires_grad=True)])  # more optimizers: still one warning
+    native = rpo.native_available()
+result = {"native": native, "same": same, "same_w": same_w,
+          "warnings": [(w.category.__name__, str(w.message)) for w in caught]}
+"""
+
+
+def _fallback_cases(tmp_path: Path) -> dict[str, tuple[dict[str, str], list[str]]]:
+    empty_bin = tmp_path / "empty-bin"
+    empty_bin.mkdir()
+    return {
+        "CC=/nonexistent": ({"CC": "/nonexistent"}, ["CC='/nonexistent'", "To fix:", "set CC"]),
+        "no cc on PATH": ({"PATH": str(empty_bin)}, ["no C compiler found", "To fix:", "apt-get install gcc"]),
+        "compile error": ({"CC": make_cc(tmp_path, fail_with="adam.c:1:1: error: simulated failure 7341")},
+                          ["compiling the kernel failed", "error: simulated failure 7341",
+                           "compilation terminated.", "To fix:"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["CC=/nonexistent", "no cc on PATH", "compile error"])
+def test_without_a_working_compiler_adam_falls_back_with_one_warning(case, tmp_path, cache):
+    env, must_say = _fallback_cases(tmp_path)[case]
+    proc = run_python(FALLBACK_RUN + LAST_JSON, env=env, timeout=180)
+    result = result_of(proc)
+    assert result["native"] is False
+    assert result["same"] and result["same_w"], "the fallback is not torch's fused Adam/AdamW"
+    assert len(result["warnings"]) == 1, result["warnings"]
+    category, message = result["warnings"][0]
+    assert category == "RuntimeWarning"
+    assert "torch's fused CPU Adam" in message and "ROUNDPIPE_REQUIRE_NATIVE=1" in message
+    for text in must_say:
+        assert text in message, (text, message)
+    assert not cache.exists() or not entries(cache)
+
+
+@pytest.mark.parametrize("case", ["CC=/nonexistent", "compile error"])
+def test_require_native_turns_the_fallback_into_an_import_error(case, tmp_path):
+    env, must_say = _fallback_cases(tmp_path)[case]
+    code = """
+import json, warnings
+result = []
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for attempt in range(2):  # and again: a caught ImportError must not turn into a silent fallback
+        try:
+            import roundpipe.optim
+            result.append("imported")
+        except ImportError as exc:
+            result.append(str(exc))
+result.append(len(caught))
+"""
+    proc = run_python(code + LAST_JSON, env={**env, "ROUNDPIPE_REQUIRE_NATIVE": "1"}, timeout=180)
+    *errors, n_warnings = result_of(proc)
+    assert n_warnings == 0
+    for error in errors:
+        assert "ROUNDPIPE_REQUIRE_NATIVE=1" in error
+        for text in must_say[:2]:
+            assert text in error
+
+
+# ---- 6. one OpenMP runtime ---------------------------------------------------
+
+
+def test_one_openmp_runtime_is_mapped_after_a_step():
+    needs_compiler()
+    code = """
+import json, os
+import torch, roundpipe.optim as rpo
+torch.set_num_threads(2)
+p = torch.randn(1 << 20, requires_grad=True)
+p.grad = torch.randn(1 << 20)
+opt = rpo.Adam([p])
+opt.step()
+names = ("libgomp", "libiomp", "libomp")
+mapped = set()
+with open("/proc/self/maps") as f:
+    for line in f:
+        fields = line.split(None, 5)
+        if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith(names):
+            mapped.add(os.path.realpath(fields[5].strip()))
+result = {"native": rpo.native_available(), "mapped": sorted(mapped),
+          "torch_lib": os.path.realpath(os.path.join(os.path.dirname(torch.__file__), "lib"))}
+"""
+    result = result_of(run_python(code + LAST_JSON, timeout=180))
+    assert result["native"], "the native kernel did not load: this test would prove nothing"
+    assert len(result["mapped"]) == 1, result["mapped"]
+    torch_runtimes = [p for p in os.listdir(result["torch_lib"]) if p.startswith(("libgomp", "libiomp", "libomp"))]
+    if torch_runtimes:  # the pip wheel ships its own: that one, not the system's
+        assert os.path.dirname(result["mapped"][0]) == result["torch_lib"]
