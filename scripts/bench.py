@@ -1,0 +1,985 @@
+#!/usr/bin/env python
+"""Adam step throughput: roundpipe against torch, DeepSpeed and the memory roofline, in one run.
+
+    python scripts/bench.py                      # every workload, torch's thread count
+    python scripts/bench.py --threads 1,2        # scaling: one table per thread count
+    python scripts/bench.py --json out.json      # also write the results for machines
+    python scripts/bench.py --quick              # small smoke run (tests/test_bench.py)
+    python scripts/bench.py --sweep-serial       # where one thread beats many (SERIAL_BELOW)
+    python scripts/bench.py --chunk-sweep        # CHUNK_ELEMS choices
+    python scripts/bench.py --profile            # where roundpipe's step() spends its Python time
+
+What is measured
+----------------
+An fp32 Adam step reads param, grad, exp_avg and exp_avg_sq and writes param,
+exp_avg and exp_avg_sq: 28 bytes per element. The *roofline* is
+``rp_roofline_probe`` from roundpipe's own compiled kernel: it reads four fp32
+arrays and writes three of them in place, the same 28 bytes per element with no
+arithmetic, over one contiguous set of arrays as long as the workload. It is the
+memory upper bound of this access pattern on this machine at this moment, and it
+is timed in the same rounds as the optimizers.
+
+GB/s are *nominal*: elements x the bytes an ideal one-pass step moves (column
+B/el). torch's default and foreach Adam make several passes and move more; their
+GB/s is what the ideal pass would need for the same time. "x roof" is the nominal
+GB/s over the roofline's GB/s.
+
+Method: all competitors of a workload share the same parameter and gradient
+tensors (each optimizer keeps its own state), so memory holds one workload at a
+time. Each round times one step of every competitor, in a rotating order, so that
+drift on a noisy machine hits all of them alike; the first rounds are warm-up and
+the median of the rest is reported. Gradients are set once and reused, as after
+``zero_grad(set_to_none=False)``; ``--new-grads`` hands every step gradient
+tensors that are different objects from the previous step's (as autograd does
+after ``zero_grad(set_to_none=True)``, the default), which makes roundpipe
+rebuild its per-group plan each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import datetime
+import gc
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import roundpipe
+import roundpipe.optim
+import roundpipe.optim.adam as rp_adam
+from roundpipe import _build
+
+FP32_ADAM_BYTES = 28  # read p, g, m, v; write p, m, v
+LR = 1e-3
+
+
+# ---- small helpers -------------------------------------------------------------
+
+
+def log(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def fmt_elems(n: int) -> str:
+    """1048576 -> '1M', 1000 -> '1000', 110_000_000 -> '104.9M' (binary units)."""
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div:
+            v = n / div
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return str(n)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+@contextlib.contextmanager
+def patched(name: str, value: Any):
+    """Temporarily set roundpipe.optim.adam.<name> (read at step or plan time)."""
+    old = getattr(rp_adam, name)
+    setattr(rp_adam, name, value)
+    try:
+        yield
+    finally:
+        setattr(rp_adam, name, old)
+
+
+def free() -> None:
+    gc.collect()
+
+
+# ---- workloads -----------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    shapes: list[tuple[int, ...]]
+    note: str = ""
+
+    @property
+    def numel(self) -> int:
+        total = 0
+        for s in self.shapes:
+            n = 1
+            for d in s:
+                n *= d
+            total += n
+        return total
+
+
+def transformer_shapes(layers: int, d: int, vocab: int, ctx: int, mlp: int) -> list[tuple[int, ...]]:
+    """A GPT-2-like parameter list: embeddings, per layer norms + q/k/v/o + MLP (weights and biases)."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]  # token and position embeddings
+    for _ in range(layers):
+        shapes += [(d,), (d,)]  # ln_1 weight, bias
+        for _ in range(4):  # q, k, v, out projections
+            shapes += [(d, d), (d,)]
+        shapes += [(d,), (d,)]  # ln_2
+        shapes += [(mlp * d, d), (mlp * d,), (d, mlp * d), (d,)]  # fc1, fc2
+    shapes += [(d,), (d,)]  # final norm
+    return shapes
+
+
+def parse_mix(spec: str) -> dict[str, int]:
+    cfg = {"layers": 6, "d": 1024, "vocab": 32000, "ctx": 2048, "mlp": 4}
+    if spec:
+        for kv in spec.split(","):
+            k, v = kv.split("=")
+            if k not in cfg:
+                raise SystemExit(f"--mix: unknown key {k!r}; keys are {sorted(cfg)}")
+            cfg[k] = int(v)
+    return cfg
+
+
+def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32,
+                grad_sets: int = 1) -> tuple[list[torch.nn.Parameter], list[list[torch.Tensor]]]:
+    """Separately allocated params (as a model's are) and `grad_sets` sets of gradients.
+
+    Grads are randn: Adam's moments settle near g and g^2, far from denormals,
+    so that repeated steps on the same grads keep a steady cost.
+    """
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    sets = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(grad_sets)]
+    for p, g in zip(params, sets[0]):
+        p.grad = g
+    return params, sets
+
+
+# ---- competitors ------------------------------------------------------------------
+
+
+def deepspeed_adam() -> tuple[Any, str]:
+    """DeepSpeedCPUAdam's class, or None and why not."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # type: ignore
+        return DeepSpeedCPUAdam, ""
+    except Exception as e:  # ImportError, or its op failing to build
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def fp32_competitors(args: argparse.Namespace) -> dict[str, Callable[[list], Any]]:
+    """name -> factory(params) -> optimizer, for the fp32 workloads."""
+    comps: dict[str, Callable[[list], Any]] = {
+        "roundpipe": lambda ps: roundpipe.optim.Adam(ps, lr=LR),
+        "torch-fused": lambda ps: torch.optim.Adam(ps, lr=LR, fused=True),
+        "torch-foreach": lambda ps: torch.optim.Adam(ps, lr=LR, foreach=True),
+        "torch-default": lambda ps: torch.optim.Adam(ps, lr=LR, foreach=False),
+    }
+    if args.deepspeed_cls is not None:
+        cls = args.deepspeed_cls
+        comps["deepspeed"] = lambda ps: cls(ps, lr=LR, adamw_mode=False)
+    return comps
+
+
+class RooflineProbe:
+    """rp_roofline_probe over four contiguous fp32 arrays of n elements."""
+
+    def __init__(self, n: int) -> None:
+        k = _build.load_kernel()
+        if k is None:
+            raise RuntimeError("roundpipe's kernel did not build: no roofline probe")
+        self.lib, ffi = k.lib, k.ffi
+        self.n = n
+        self.arrays = [torch.zeros(n), torch.full((n,), 1e-3), torch.zeros(n), torch.zeros(n)]
+        self.ptrs = [ffi.cast("float *", t.data_ptr()) for t in self.arrays]
+
+    def step(self) -> None:
+        a, b, c, d = self.ptrs
+        self.lib.rp_roofline_probe(a, b, c, d, self.n, torch.get_num_threads())
+
+
+@dataclass
+class Entry:
+    """One competitor in one workload: its step function and what it moves per element."""
+    name: str
+    step: Callable[[], Any]
+    bytes_per_elem: float
+    before: Callable[[int], Any] | None = None  # untimed setup before timed step number r
+    samples: list[float] = field(default_factory=list)
+
+
+def run_rounds(entries: list[Entry], warmup: int, reps: int, inner: int = 1) -> None:
+    """Time `inner` calls of each entry's step per round, rotating the order each round."""
+    rounds = warmup + reps
+    for r in range(rounds):
+        order = entries[r % len(entries):] + entries[: r % len(entries)]
+        for e in order:
+            if e.before is not None:
+                e.before(r)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                e.step()
+            dt = (time.perf_counter() - t0) / inner
+            if r >= warmup:
+                e.samples.append(dt)
+
+
+# ---- results ---------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    workload: str
+    threads: int
+    numel: int
+    n_tensors: int
+    rows: dict[str, dict[str, Any]]
+    note: str = ""
+    kind: str = "throughput"  # or "overhead" (report microseconds per step)
+    ref: str = "roundpipe"  # whose speed-up the ratios column gives
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def summarize(name: str, threads: int, numel: int, n_tensors: int, entries: list[Entry],
+              roof: Entry | None, note: str = "", kind: str = "throughput", ref: str = "roundpipe") -> Result:
+    rows: dict[str, dict[str, Any]] = {}
+    roof_gbs = None
+    if roof is not None:
+        t = median(roof.samples)
+        roof_gbs = numel * roof.bytes_per_elem / t / 1e9
+    for e in entries + ([roof] if roof is not None else []):
+        t = median(e.samples)
+        row = {
+            "median_s": t,
+            "min_s": min(e.samples),
+            "max_s": max(e.samples),
+            "samples": len(e.samples),
+            "bytes_per_elem": e.bytes_per_elem,
+            "gelem_s": numel / t / 1e9,
+            "gb_s": numel * e.bytes_per_elem / t / 1e9,
+            "us_per_step": t * 1e6,
+        }
+        row["frac_roofline"] = row["gb_s"] / roof_gbs if roof_gbs else None
+        rows[e.name] = row
+    if ref in rows:
+        for n, row in rows.items():
+            row[f"{ref}_speedup"] = row["median_s"] / rows[ref]["median_s"]
+    return Result(name, threads, numel, n_tensors, rows, note, kind, ref)
+
+
+def print_result(res: Result, out: Any) -> None:
+    head = (f"\n## {res.workload}: {fmt_elems(res.numel)} elements ({res.numel:,}) in {res.n_tensors} tensors, "
+            f"{res.threads} thread{'s' if res.threads != 1 else ''}")
+    print(head, file=out)
+    if res.note:
+        print(f"   {res.note}", file=out)
+    print(f"   speedup = the competitor's median time / {res.ref}'s", file=out)
+    w = max([28] + [len(n) for n in res.rows])
+    if res.kind == "overhead":
+        print(f"{'competitor':<{w}} {'us/step':>10} {'min us':>10} {'speedup':>8}", file=out)
+        for n, r in res.rows.items():
+            ratio = r.get(f"{res.ref}_speedup")
+            print(f"{n:<{w}} {r['us_per_step']:>10.2f} {r['min_s'] * 1e6:>10.2f} "
+                  f"{(f'{ratio:.2f}x' if ratio else '-'):>8}", file=out)
+        return
+    print(f"{'competitor':<{w}} {'ms/step':>9} {'min ms':>9} {'Gelem/s':>8} {'B/el':>5} {'GB/s':>7} {'x roof':>7} "
+          f"{'speedup':>8}", file=out)
+    for n, r in res.rows.items():
+        ratio = r.get(f"{res.ref}_speedup")
+        frac = r["frac_roofline"]
+        print(f"{n:<{w}} {r['median_s'] * 1e3:>9.2f} {r['min_s'] * 1e3:>9.2f} {r['gelem_s']:>8.3f} "
+              f"{r['bytes_per_elem']:>5g} {r['gb_s']:>7.2f} {(f'{frac:.3f}' if frac is not None else '-'):>7} "
+              f"{(f'{ratio:.2f}x' if ratio else '-'):>8}", file=out)
+
+
+# ---- the fp32 workloads --------------------------------------------------------------------
+
+
+def new_grads_hook(params: list, sets: list[list[torch.Tensor]]) -> Callable[[int], None]:
+    """Before step r, hand every param grad tensors that are not the ones of step r-1."""
+    def before(r: int) -> None:
+        gs = sets[r % len(sets)]
+        for p, g in zip(params, gs):
+            p.grad = g
+    return before
+
+
+def bench_fp32(w: Workload, args: argparse.Namespace, threads: int, *, warmup: int, reps: int,
+               inner: int = 1, kind: str = "throughput") -> Result:
+    log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
+    params, sets = make_params(w.shapes, grad_sets=2 if args.new_grads else 1)
+    before = new_grads_hook(params, sets) if args.new_grads else None
+    entries = []
+    for name, make in fp32_competitors(args).items():
+        try:
+            opt = make(params)
+            entries.append(Entry(name, opt.step, FP32_ADAM_BYTES, before))
+        except Exception as e:  # a competitor that cannot run here is reported, not fatal
+            log(f"  {name}: skipped ({type(e).__name__}: {e})")
+    roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
+    run_rounds(entries + [roof], warmup, reps, inner)
+    note = w.note + (" [--new-grads: fresh grad tensors every step]" if args.new_grads else "")
+    res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof, note, kind)
+    del entries, roof, params, sets
+    free()
+    return res
+
+
+# ---- mixed precision (issue 5) ------------------------------------------------------------
+
+
+def rp_mixed_support() -> tuple[bool, bool, str]:
+    """(master_weights works, bf16 moments work, why not) — probed on a 64-element bf16 param."""
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    p.grad = torch.randn(64).bfloat16()
+    try:
+        roundpipe.optim.Adam([p], lr=LR, master_weights=True).step()
+    except Exception as e:
+        return False, False, f"master_weights=True unavailable ({type(e).__name__}: {e})"
+    try:
+        roundpipe.optim.Adam([p], lr=LR, master_weights=True, exp_avg_dtype=torch.bfloat16,
+                             exp_avg_sq_dtype=torch.bfloat16).step()
+    except Exception as e:
+        return True, False, f"bf16 moments unavailable ({type(e).__name__}: {e})"
+    return True, True, ""
+
+
+def rp_bf16_support() -> str:
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    p.grad = torch.randn(64).bfloat16()
+    try:
+        roundpipe.optim.Adam([p], lr=LR).step()
+        return ""
+    except Exception as e:
+        return f"bf16 params unavailable ({type(e).__name__}: {e})"
+
+
+class TorchMasterSeq:
+    """What a torch mixed-precision loop does: fp32 grad copy, fused Adam on fp32 masters, copy back.
+
+    prealloc=True copies into fp32 grad buffers kept between steps with one
+    _foreach_copy_ (the fastest torch spelling); prealloc=False is the common
+    ``master.grad = p.grad.float()`` ... ``p.copy_(master)`` per tensor.
+    """
+
+    def __init__(self, params: list, prealloc: bool) -> None:
+        self.params = params
+        self.masters = [p.detach().float().requires_grad_() for p in params]
+        self.prealloc = prealloc
+        if prealloc:
+            self.g32 = [torch.empty_like(m) for m in self.masters]
+            for m, g in zip(self.masters, self.g32):
+                m.grad = g
+        self.opt = torch.optim.Adam(self.masters, lr=LR, fused=True)
+
+    def step(self) -> None:
+        with torch.no_grad():
+            if self.prealloc:
+                torch._foreach_copy_(self.g32, [p.grad for p in self.params])
+                self.opt.step()
+                torch._foreach_copy_([p.data for p in self.params], self.masters)
+            else:
+                for m, p in zip(self.masters, self.params):
+                    m.grad = p.grad.float()
+                self.opt.step()
+                for m, p in zip(self.masters, self.params):
+                    p.copy_(m)
+
+
+def bench_master_weights(w: Workload, args: argparse.Namespace, threads: int) -> Result | None:
+    ok, ok_bf16_moments, why = rp_mixed_support()
+    if not ok:
+        log(f"[{w.name}] skipped: {why}")
+        return Result(w.name, threads, w.numel, len(w.shapes), {}, f"skipped: {why}")
+    log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
+    params, _ = make_params(w.shapes, torch.bfloat16)
+    entries = []
+    # bytes per element: bf16 grad read 2, fp32 master/m/v read 12 + write 12, bf16 param write 2
+    rp = roundpipe.optim.Adam(params, lr=LR, master_weights=True)
+    entries.append(Entry("roundpipe master_weights", rp.step, 28))
+    if ok_bf16_moments:
+        rp16 = roundpipe.optim.Adam(params, lr=LR, master_weights=True, exp_avg_dtype=torch.bfloat16,
+                                    exp_avg_sq_dtype=torch.bfloat16)
+        # bf16 moments: m and v are 2+2 bytes each instead of 4+4
+        entries.append(Entry("roundpipe mw + bf16 moments", rp16.step, 20))
+    # grad.float(): read 2, write 4; fused step on fp32: 28; param.copy_(master): read 4, write 2
+    entries.append(Entry("torch seq (foreach_copy)", TorchMasterSeq(params, True).step, 40))
+    entries.append(Entry("torch seq (grad.float())", TorchMasterSeq(params, False).step, 40))
+    roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
+    run_rounds(entries + [roof], args.warmup, args.reps)
+    note = (w.note + " bf16 params and grads; fp32 masters and moments. B/el counts one pass "
+            "(roundpipe) or the three passes of the torch sequence. " + (why if why else ""))
+    res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof, note.strip(),
+                    ref="roundpipe master_weights")
+    del entries, roof, params, rp
+    free()
+    return res
+
+
+def bench_bf16_params(w: Workload, args: argparse.Namespace, threads: int) -> Result | None:
+    why = rp_bf16_support()
+    if why:
+        log(f"[{w.name}] skipped: {why}")
+        return Result(w.name, threads, w.numel, len(w.shapes), {}, f"skipped: {why}")
+    log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
+    params, _ = make_params(w.shapes, torch.bfloat16)
+    entries = [
+        Entry("roundpipe", roundpipe.optim.Adam(params, lr=LR).step, 14),
+        Entry("torch-fused", torch.optim.Adam(params, lr=LR, fused=True).step, 14),
+        Entry("torch-foreach", torch.optim.Adam(params, lr=LR, foreach=True).step, 14),
+    ]
+    roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
+    run_rounds(entries + [roof], args.warmup, args.reps)
+    res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof,
+                    (w.note + " bf16 params, grads and moments: 14 B/el; x roof compares with the fp32 "
+                     "28 B/el probe's bandwidth.").strip())
+    del entries, roof, params
+    free()
+    return res
+
+
+def bench_grad_scaler(w: Workload, args: argparse.Namespace, threads: int) -> Result:
+    """GradScaler's unscale + Adam: direct fused calls, and the whole scaler.step()/update() path."""
+    log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
+    params, _ = make_params(w.shapes)
+    # Scale 1.0: unscaling in place then leaves the reused grads as they are, so
+    # that every step does the same work (a real scale would shrink them towards
+    # denormals). The kernels divide by it all the same.
+    scale = torch.ones(())
+    found_inf = torch.zeros(())
+    rp = roundpipe.optim.Adam(params, lr=LR)
+    tf = torch.optim.Adam(params, lr=LR, fused=True)
+    entries = [
+        # unscale in the step: read g and write it back unscaled (+4), as torch's fused kernel does
+        Entry("roundpipe step(grad_scale,found_inf)", lambda: rp.step(grad_scale=scale, found_inf=found_inf), 32),
+        Entry("torch-fused step(grad_scale,found_inf)", tf.step, 32),
+    ]
+    tf.grad_scale, tf.found_inf = scale, found_inf  # torch's fused Adam reads them as attributes
+
+    def scaler_loop(opt: Any) -> Callable[[], None]:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1 << 30)
+        scaler.scale(torch.ones(()))  # creates the scale tensor, as scaling the loss would
+
+        def step() -> None:
+            scaler.step(opt)
+            scaler.update()
+        return step
+
+    # scaler.step: an inf check that reads and rewrites every grad (8), then the step
+    rp2 = roundpipe.optim.Adam(params, lr=LR)
+    tf2 = torch.optim.Adam(params, lr=LR, fused=True)
+    tfe = torch.optim.Adam(params, lr=LR, foreach=True)
+    entries += [
+        Entry("roundpipe via GradScaler", scaler_loop(rp2), 40),
+        Entry("torch-fused via GradScaler", scaler_loop(tf2), 40),
+        Entry("torch-foreach via GradScaler", scaler_loop(tfe), 36),
+    ]
+    roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
+    run_rounds(entries + [roof], args.warmup, args.reps)
+    note = (w.note + " fp32. Direct rows pass grad_scale/found_inf to step(); 'via GradScaler' rows run "
+            "torch.amp.GradScaler('cpu').step()+update(), whose inf check (unscale_ by 1.0) reads and "
+            "rewrites every grad before the fused step unscales it again. Scale 1.0 keeps reused grads "
+            "constant.").strip()
+    res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof, note,
+                    ref="roundpipe step(grad_scale,found_inf)")
+    del entries, roof, params, rp, tf, rp2, tf2, tfe
+    free()
+    return res
+
+
+# ---- per-call overhead: tiny tensor, optimizer in backward, per-tensor cost --------------------
+
+
+def bench_in_backward(args: argparse.Namespace, threads: int) -> list[Result]:
+    """One optimizer per parameter, stepped from a post-accumulate-grad hook (PyTorch's tutorial)."""
+    out = []
+    n = args.tiny
+    # 1. The hook's body on one small tensor: step() then zero_grad(), with a fresh
+    #    grad tensor each call as autograd gives after zero_grad(set_to_none=True).
+    log(f"[in-backward call] {n} elements, {threads} threads")
+    p = torch.nn.Parameter(torch.randn(n))
+    pool = [torch.randn(n) for _ in range(2)]
+    entries = []
+    makers = {
+        "roundpipe": lambda ps: roundpipe.optim.Adam(ps, lr=LR),
+        "torch-fused": lambda ps: torch.optim.Adam(ps, lr=LR, fused=True),
+        "torch-foreach": lambda ps: torch.optim.Adam(ps, lr=LR, foreach=True),
+        "torch-default": lambda ps: torch.optim.Adam(ps, lr=LR, foreach=False),
+    }
+    calls = [0]
+    for name, make in makers.items():
+        opt = make([p])
+
+        def hook_body(opt: Any = opt) -> None:
+            calls[0] += 1
+            p.grad = pool[calls[0] & 1]  # a new grad object each call, as from autograd (same cost for all)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        entries.append(Entry(name, hook_body, FP32_ADAM_BYTES))
+    run_rounds(entries, args.warmup, args.overhead_rounds, args.overhead_inner)
+    out.append(summarize(f"in-backward: one call, {n} elements", threads, n, 1, entries, None,
+                         "hook body per call: p.grad = new tensor; opt.step(); opt.zero_grad()", kind="overhead"))
+
+    # 2. A real backward through a small MLP with a hook per parameter.
+    width, depth, batch = args.ib_width, args.ib_depth, 8
+    log(f"[in-backward model] MLP {depth} x Linear({width},{width}), batch {batch}, {threads} threads")
+    torch.manual_seed(0)
+    x = torch.randn(batch, width)
+    entries = []
+
+    def model_entry(name: str, make: Callable[[list], Any] | None) -> Entry:
+        model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+        if make is not None:
+            opts = {q: make([q]) for q in model.parameters()}
+
+            def hook(q: torch.Tensor) -> None:
+                opts[q].step()
+                opts[q].zero_grad(set_to_none=True)
+            for q in model.parameters():
+                q.register_post_accumulate_grad_hook(hook)
+
+        def it() -> None:
+            model(x).square().mean().backward()
+            if make is None:
+                model.zero_grad(set_to_none=True)
+        return Entry(name, it, FP32_ADAM_BYTES)
+
+    entries.append(model_entry("no optimizer (fwd+bwd only)", None))
+    for name in ("roundpipe", "torch-fused", "torch-foreach"):
+        entries.append(model_entry(name, makers[name]))
+    run_rounds(entries, args.warmup, args.overhead_rounds, max(1, args.overhead_inner // 10))
+    nparams = 2 * depth
+    res = summarize(f"in-backward: MLP {depth}x{width}, {nparams} params", threads,
+                    sum(q.numel() for q in torch.nn.Linear(width, width).parameters()) * depth, nparams,
+                    entries, None, "", kind="overhead")
+    base = res.rows["no optimizer (fwd+bwd only)"]["median_s"]
+    for name, row in res.rows.items():
+        row["optimizer_us_per_param"] = (row["median_s"] - base) / nparams * 1e6
+    res.note = ("us per training iteration (forward+backward with one optimizer per param stepped in its "
+                "post-accumulate-grad hook). Optimizer cost per param: " + ", ".join(
+                    f"{n} {r['optimizer_us_per_param']:.1f} us" for n, r in res.rows.items() if n != "no optimizer (fwd+bwd only)"))
+    out.append(res)
+    free()
+    return out
+
+
+def bench_per_tensor(args: argparse.Namespace, threads: int) -> list[Result]:
+    """Step time against the number of (16-element) tensors: the per-tensor cost, reused and fresh grads."""
+    out = []
+    counts = [1, 16, 256, 4096] if not args.quick else [1, 64]
+    for fresh in (False, True):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for count in counts:
+            params, sets = make_params([(16,)] * count, grad_sets=2 if fresh else 1)
+            before = new_grads_hook(params, sets) if fresh else None
+            entries = [
+                Entry("roundpipe", roundpipe.optim.Adam(params, lr=LR).step, FP32_ADAM_BYTES, before),
+                Entry("torch-fused", torch.optim.Adam(params, lr=LR, fused=True).step, FP32_ADAM_BYTES, before),
+                Entry("torch-foreach", torch.optim.Adam(params, lr=LR, foreach=True).step, FP32_ADAM_BYTES, before),
+            ]
+            inner = 1 if fresh else max(1, args.overhead_inner // max(1, count // 16))
+            run_rounds(entries, args.warmup, args.overhead_rounds, inner)
+            for e in entries:
+                series.setdefault(e.name, []).append((count, median(e.samples)))
+            del entries, params, sets
+        rows = {}
+        for name, pts in series.items():
+            (c0, t0), (c1, t1) = pts[0], pts[-1]
+            rows[name] = {
+                "points_us": {str(c): t * 1e6 for c, t in pts},
+                "fixed_us": t0 * 1e6,
+                "per_tensor_us": (t1 - t0) / (c1 - c0) * 1e6,
+            }
+        out.append(Result(f"per-tensor cost ({'fresh' if fresh else 'reused'} grads)", threads,
+                          16 * counts[-1], counts[-1], rows,
+                          "step() time for N tensors of 16 elements; per_tensor_us = slope between the "
+                          f"smallest and largest N{'; fresh grad objects every step' if fresh else ''}",
+                          kind="per-tensor"))
+        free()
+    return out
+
+
+def print_per_tensor(res: Result, out: Any) -> None:
+    print(f"\n## {res.workload}, {res.threads} threads\n   {res.note}", file=out)
+    counts = list(next(iter(res.rows.values()))["points_us"])
+    print(f"{'competitor':<16}" + "".join(f"{'N=' + c:>11}" for c in counts) + f"{'us/tensor':>11}", file=out)
+    for name, r in res.rows.items():
+        print(f"{name:<16}" + "".join(f"{r['points_us'][c]:>11.1f}" for c in counts)
+              + f"{r['per_tensor_us']:>11.3f}", file=out)
+
+
+# ---- serial threshold and chunk size sweeps --------------------------------------------------
+
+
+def flush_cache(buf: Any) -> None:
+    """Evict caches from this core with a single-threaded numpy pass (no OpenMP wake-up)."""
+    buf += 1
+
+
+def sweep_serial(args: argparse.Namespace) -> dict[str, Any]:
+    """Step time, one thread against N, for group sizes 1K..1M: where should SERIAL_BELOW sit?
+
+    Both modes use the same optimizer and the same kernel path; serial is forced
+    with SERIAL_BELOW = 2**62 and parallel with SERIAL_BELOW = 0 at the thread
+    count in force. 'warm': back-to-back steps (data in cache, OpenMP threads
+    spinning). 'cold': each step after a single-threaded pass over 64 MB and a
+    2 ms sleep, so caches are cold and the OpenMP threads have gone to sleep.
+    """
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    sizes = [1 << k for k in range(10, 21)] if not args.quick else [1 << 10, 1 << 14, 1 << 17]
+    layouts = {"one tensor": lambda n: [(n,)], "1K-element tensors": lambda n: [(1024,)] * (n // 1024)}
+    flush = np.zeros(16 << 20, dtype=np.float32)
+    out: dict[str, Any] = {"threads": threads, "chunk_elems": rp_adam.CHUNK_ELEMS,
+                           "serial_below_now": rp_adam.SERIAL_BELOW, "rows": []}
+    log(f"[sweep-serial] sizes {sizes[0]}..{sizes[-1]}, 1 vs {threads} threads")
+    reps = args.sweep_reps
+    for layout, shapes_of in layouts.items():
+        for n in sizes:
+            params, _ = make_params(shapes_of(n))
+            opt = roundpipe.optim.Adam(params, lr=LR)
+            opt.step()
+            row: dict[str, Any] = {"layout": layout, "numel": n, "tensors": len(params)}
+            for mode in ("warm", "cold"):
+                times: dict[str, list[float]] = {"serial": [], "parallel": []}
+                inner = max(1, min(200, (1 << 22) // n)) if mode == "warm" else 1
+                for r in range(reps + 2):
+                    for which in (("serial", "parallel") if r % 2 == 0 else ("parallel", "serial")):
+                        with patched("SERIAL_BELOW", (1 << 62) if which == "serial" else 0):
+                            if mode == "warm":
+                                opt.step()  # same mode as the timed steps just before them
+                                t0 = time.perf_counter()
+                                for _ in range(inner):
+                                    opt.step()
+                                dt = (time.perf_counter() - t0) / inner
+                            else:
+                                flush_cache(flush)
+                                time.sleep(0.002)
+                                t0 = time.perf_counter()
+                                opt.step()
+                                dt = time.perf_counter() - t0
+                        if r >= 2:
+                            times[which].append(dt)
+                s, p = median(times["serial"]), median(times["parallel"])
+                row[f"{mode}_serial_us"] = s * 1e6
+                row[f"{mode}_parallel_us"] = p * 1e6
+                row[f"{mode}_parallel_speedup"] = s / p
+            out["rows"].append(row)
+            del opt, params
+    # Crossover: the smallest size from which parallel is faster at every larger size too.
+    out["crossover"] = {}
+    for layout in layouts:
+        for mode in ("warm", "cold"):
+            rows = [r for r in out["rows"] if r["layout"] == layout]
+            cross = None
+            for i, r in enumerate(rows):
+                if all(q[f"{mode}_parallel_speedup"] > 1.0 for q in rows[i:]):
+                    cross = r["numel"]
+                    break
+            out["crossover"][f"{layout}, {mode}"] = cross
+    free()
+    return out
+
+
+def print_sweep_serial(sw: dict[str, Any], out: Any) -> None:
+    print(f"\n## serial-threshold sweep: 1 thread vs {sw['threads']} (CHUNK_ELEMS={sw['chunk_elems']}, "
+          f"SERIAL_BELOW now {sw['serial_below_now']})", file=out)
+    print("   warm: back-to-back steps; cold: caches flushed and OpenMP threads asleep before each step", file=out)
+    print(f"{'layout':<20} {'elements':>9} {'warm 1T us':>11} {'warm NT us':>11} {'NT speedup':>11} "
+          f"{'cold 1T us':>11} {'cold NT us':>11} {'NT speedup':>11}", file=out)
+    for r in sw["rows"]:
+        print(f"{r['layout']:<20} {fmt_elems(r['numel']):>9} {r['warm_serial_us']:>11.1f} {r['warm_parallel_us']:>11.1f} "
+              f"{r['warm_parallel_speedup']:>10.2f}x {r['cold_serial_us']:>11.1f} {r['cold_parallel_us']:>11.1f} "
+              f"{r['cold_parallel_speedup']:>10.2f}x", file=out)
+    for k, v in sw["crossover"].items():
+        print(f"   crossover ({k}): " + (f"{v:,} elements ({fmt_elems(v)})" if v else "parallel never wins for good"),
+              file=out)
+
+
+def chunk_sweep(args: argparse.Namespace, workloads: list[Workload]) -> list[Result]:
+    threads = torch.get_num_threads()
+    choices = args.chunks
+    out = []
+    for w in workloads:
+        log(f"[chunk-sweep {w.name}] CHUNK_ELEMS {choices}")
+        params, _ = make_params(w.shapes)
+        entries = []
+        for c in choices:
+            with patched("CHUNK_ELEMS", c):
+                opt = roundpipe.optim.Adam(params, lr=LR)
+                opt.step()  # the plan, with its chunk list, is built now and then cached
+            entries.append(Entry(f"CHUNK_ELEMS={c}", opt.step, FP32_ADAM_BYTES))
+        roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
+        run_rounds(entries + [roof], args.warmup, args.reps)
+        out.append(summarize(f"chunk sweep: {w.name}", threads, w.numel, len(w.shapes), entries, roof,
+                             f"current CHUNK_ELEMS={rp_adam.CHUNK_ELEMS}", ref=f"CHUNK_ELEMS={rp_adam.CHUNK_ELEMS}"
+                             if rp_adam.CHUNK_ELEMS in choices else "roofline-probe"))
+        del entries, roof, params
+        free()
+    return out
+
+
+# ---- profile of roundpipe's Python path ----------------------------------------------------------
+
+
+class _TimedLib:
+    """Stands in for the cffi lib: times rp_adam_step, passes everything else through."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self.c_time = 0.0
+
+    def rp_adam_step(self, *a: Any) -> int:
+        t0 = time.perf_counter()
+        r = self._lib.rp_adam_step(*a)
+        self.c_time += time.perf_counter() - t0
+        return r
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+
+class _TimedKernel:
+    def __init__(self, k: Any) -> None:
+        self.ffi = k.ffi
+        self.lib = _TimedLib(k.lib)
+
+
+def profile_step(args: argparse.Namespace) -> str:
+    """Where roundpipe's step() spends its time on the tiny and many-small workloads."""
+    lines = []
+    cases = [("tiny", [(args.tiny,)], 20000 if not args.quick else 500)]
+    n_small = args.small_count if not args.quick else 256
+    cases.append(("many-small", [(args.small_size,)] * n_small, 200 if not args.quick else 5))
+    for fresh in (False, True):
+        for name, shapes, steps in cases:
+            params, sets = make_params(shapes, grad_sets=2)
+            opt = roundpipe.optim.Adam(params, lr=LR)
+            opt.step()
+            before = new_grads_hook(params, sets)
+            kernel = opt._kernel
+            timed = _TimedKernel(kernel) if kernel is not None else None
+            if timed is not None:
+                opt._kernel = timed
+            # Wall time split: whole step(), the C call inside it, and the rest (Python).
+            total = 0.0
+            for r in range(steps):
+                if fresh:
+                    before(r)
+                t0 = time.perf_counter()
+                opt.step()
+                total += time.perf_counter() - t0
+            c_time = timed.lib.c_time if timed is not None else 0.0
+            lines.append(f"\n=== {name}: {len(shapes)} tensor(s) x {shapes[0][0]} elements, "
+                         f"{'FRESH grad tensors each step' if fresh else 'grads reused (plan cached)'}, "
+                         f"{torch.get_num_threads()} threads ===")
+            lines.append(f"step(): {total / steps * 1e6:.1f} us/step = C rp_adam_step {c_time / steps * 1e6:.1f} us "
+                         f"+ Python {(total - c_time) / steps * 1e6:.1f} us "
+                         f"({(total - c_time) / steps / len(shapes) * 1e9:.0f} ns per tensor)")
+            prof = cProfile.Profile()
+            prof.enable()
+            for r in range(steps):
+                if fresh:
+                    before(r)
+                opt.step()
+            prof.disable()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
+            body = s.getvalue()
+            start = body.find("   ncalls")
+            lines.append(f"cProfile over {steps} steps, top functions by own time:")
+            lines.append(body[start:].rstrip() if start >= 0 else body)
+            opt._kernel = kernel
+            del opt, params, sets
+            free()
+    return "\n".join(lines)
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int_list, default=[], help="comma-separated thread counts (default: torch's)")
+    ap.add_argument("--json", default="", help="write results as JSON to this path ('-' for stdout)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few reps: a smoke run")
+    ap.add_argument("--workloads", default="big,mix,small,tiny,in-backward,per-tensor,master-weights,bf16,grad-scaler",
+                    help="which workloads to run (comma-separated)")
+    ap.add_argument("--big", type=int, default=64 << 20, help="elements of the one big tensor")
+    ap.add_argument("--mix", default="", help="transformer mix config, e.g. layers=6,d=1024,vocab=32000,ctx=2048,mlp=4")
+    ap.add_argument("--small-count", type=int, default=4096)
+    ap.add_argument("--small-size", type=int, default=8192)
+    ap.add_argument("--tiny", type=int, default=1000)
+    ap.add_argument("--mixed-scale", default="", help="mix config for the mixed-precision workloads (default: --mix)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--overhead-rounds", type=int, default=31, help="timed rounds for per-call workloads")
+    ap.add_argument("--overhead-inner", type=int, default=200, help="calls per round for per-call workloads")
+    ap.add_argument("--ib-width", type=int, default=256)
+    ap.add_argument("--ib-depth", type=int, default=8)
+    ap.add_argument("--new-grads", action="store_true",
+                    help="fresh grad tensor objects every step (as after zero_grad(set_to_none=True))")
+    ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--sweep-serial", action="store_true", help="measure the single-thread threshold")
+    ap.add_argument("--sweep-reps", type=int, default=15)
+    ap.add_argument("--chunk-sweep", action="store_true", help="measure CHUNK_ELEMS choices")
+    ap.add_argument("--chunks", type=int_list, default=[2048, 4096, 8192, 16384, 32768, 65536, 262144])
+    ap.add_argument("--profile", action="store_true", help="profile roundpipe's step() Python path")
+    ap.add_argument("--profile-out", default="", help="also write the profile text to this path")
+    args = ap.parse_args(argv)
+
+    if args.quick:
+        args.big = 1 << 20
+        args.mix = args.mix or "layers=2,d=256,vocab=2000,ctx=128,mlp=4"
+        args.small_count, args.small_size = 64, 1024
+        args.warmup, args.reps = 1, 3
+        args.overhead_rounds, args.overhead_inner = 3, 20
+        args.ib_width, args.ib_depth = 32, 2
+        args.sweep_reps = 3
+        args.chunks = [4096, 16384]
+    mix_cfg = parse_mix(args.mix)
+    mixed_cfg = parse_mix(args.mixed_scale) if args.mixed_scale else mix_cfg
+    thread_list = args.threads or [torch.get_num_threads()]
+    wanted = set(args.workloads.split(",")) if args.workloads else set()
+
+    args.deepspeed_cls, ds_why = (None, "--no-deepspeed") if args.no_deepspeed else deepspeed_adam()
+    if ds_why:
+        log(f"deepspeed: skipped ({ds_why})")
+
+    out = sys.stderr if args.json == "-" else sys.stdout
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "roundpipe": roundpipe.__version__,
+        "roundpipe_native": rp_adam.native_available(),
+        "kernel_artefact": getattr(_build.INFO, "artefact", None),
+        "chunk_elems": rp_adam.CHUNK_ELEMS,
+        "serial_below": rp_adam.SERIAL_BELOW,
+        "deepspeed": "available" if args.deepspeed_cls is not None else f"skipped: {ds_why}",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "mix_config": mix_cfg,
+        "loadavg_start": os.getloadavg(),
+    }
+    print(f"# roundpipe Adam benchmark  {meta['date']}", file=out)
+    print(f"# CPU: {meta['cpu']} ({meta['logical_cpus']} logical CPUs); torch {meta['torch']}; "
+          f"python {meta['python']}; roundpipe native kernel: {meta['roundpipe_native']}", file=out)
+    print(f"# deepspeed: {meta['deepspeed']}; CHUNK_ELEMS={meta['chunk_elems']}, SERIAL_BELOW={meta['serial_below']}",
+          file=out)
+    print("# load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in meta["loadavg_start"])
+          + f" on {os.cpu_count()} CPUs: anything well above 0 means other work shares the machine", file=out)
+    print(f"# median of {args.reps} timed rounds after {args.warmup} warm-up; competitors interleaved; "
+          f"GB/s = elements x B/el (nominal one-pass bytes)", file=out)
+    out.flush()
+
+    mix = Workload("transformer mix", transformer_shapes(**mix_cfg),
+                   "GPT-2-like " + ",".join(f"{k}={v}" for k, v in mix_cfg.items()) + ".")
+    mixed = Workload("transformer mix", transformer_shapes(**mixed_cfg),
+                     "GPT-2-like " + ",".join(f"{k}={v}" for k, v in mixed_cfg.items()) + ".")
+    big = Workload("big tensor", [(args.big,)])
+    small = Workload(f"many small ({args.small_count} x {args.small_size})", [(args.small_size,)] * args.small_count)
+    tiny = Workload(f"tiny ({args.tiny} elements)", [(args.tiny,)])
+
+    results: list[Result] = []
+    extra: dict[str, Any] = {}
+    before_threads = torch.get_num_threads()
+    try:
+        for th in thread_list:
+            torch.set_num_threads(th)
+            todo: list[tuple[str, Callable[[], Any]]] = [
+                ("big", lambda: bench_fp32(big, args, th, warmup=args.warmup, reps=args.reps)),
+                ("mix", lambda: bench_fp32(mix, args, th, warmup=args.warmup, reps=args.reps)),
+                ("small", lambda: bench_fp32(small, args, th, warmup=args.warmup, reps=args.reps)),
+                ("tiny", lambda: bench_fp32(tiny, args, th, warmup=args.warmup, reps=args.overhead_rounds,
+                                            inner=args.overhead_inner, kind="overhead")),
+                ("in-backward", lambda: bench_in_backward(args, th)),
+                ("per-tensor", lambda: bench_per_tensor(args, th)),
+                ("master-weights", lambda: bench_master_weights(
+                    Workload("mixed: bf16 params, master_weights=True", mixed.shapes, mixed.note), args, th)),
+                ("bf16", lambda: bench_bf16_params(
+                    Workload("mixed: bf16 params and state (no master)", mixed.shapes, mixed.note), args, th)),
+                ("grad-scaler", lambda: bench_grad_scaler(
+                    Workload("GradScaler: unscale + step", mix.shapes, mix.note), args, th)),
+            ]
+            for key, fn in todo:
+                if key not in wanted:
+                    continue
+                got = fn()
+                for res in (got if isinstance(got, list) else [got]):
+                    if res is None:
+                        continue
+                    results.append(res)
+                    if res.kind == "per-tensor":
+                        print_per_tensor(res, out)
+                    elif res.rows:
+                        print_result(res, out)
+                    else:
+                        print(f"\n## {res.workload}: {res.note}", file=out)
+                    out.flush()
+        torch.set_num_threads(thread_list[-1] if len(thread_list) == 1 else before_threads)
+        if args.sweep_serial:
+            sw = sweep_serial(args)
+            extra["sweep_serial"] = sw
+            print_sweep_serial(sw, out)
+        if args.chunk_sweep:
+            cs = chunk_sweep(args, [small, big])
+            extra["chunk_sweep"] = [r.to_json() for r in cs]
+            for r in cs:
+                print_result(r, out)
+        if args.profile:
+            text = profile_step(args)
+            extra["profile"] = text
+            print(f"\n## profile of roundpipe step() ({torch.get_num_threads()} threads)", file=out)
+            print(text, file=out)
+            if args.profile_out:
+                with open(args.profile_out, "w") as f:
+                    f.write(text + "\n")
+    finally:
+        torch.set_num_threads(before_threads)
+
+    meta["loadavg_end"] = os.getloadavg()
+    print("\n# load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in meta["loadavg_end"]), file=out)
+    if args.json:
+        doc = {"meta": meta, "results": [r.to_json() for r in results], **extra}
+        if args.json == "-":
+            json.dump(doc, sys.stdout, indent=1)
+            print()
+        else:
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
