@@ -18,6 +18,9 @@ bought with a one-step delayed parameter update (as ZeRO-Offload's "DPU"): micro
 on the weights of step k-1, not k. The GPU only stalls when the CPU step takes longer than a
 forward + backward; the script reports the share of wall time it spent stalled that way.
 
+With --accum N each step accumulates the grads of N micro-batches first, and the CPU step
+overlaps all N micro-batches of the next step.
+
 Three variants run the same model on the same data:
 
   roundpipe-cpu        fp32 masters + roundpipe.optim.Adam on the CPU, overlapped as above
@@ -151,12 +154,14 @@ class Clock:
 
 
 def batches(args, device: torch.device, steps: int):
-    """The same synthetic token stream for every variant."""
+    """The same synthetic token stream for every variant: per step, `accum` micro-batches."""
     gen = torch.Generator().manual_seed(1234)
     for _ in range(steps):
-        tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen)
-        tokens = tokens.to(device, non_blocking=True)
-        yield tokens[:, :-1], tokens[:, 1:]
+        micro = []
+        for _ in range(args.accum):
+            tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen).to(device)
+            micro.append((tokens[:, :-1], tokens[:, 1:]))
+        yield micro
 
 
 def build_model(args, device: torch.device) -> tuple[TinyGPT, Tensor]:
@@ -167,11 +172,15 @@ def build_model(args, device: torch.device) -> tuple[TinyGPT, Tensor]:
     return model.to(device=device, dtype=torch.bfloat16), init
 
 
-def forward_backward(model: TinyGPT, x: Tensor, y: Tensor) -> Tensor:
-    logits = model(x)
-    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
-    loss.backward()
-    return loss.detach()
+def forward_backward(model: TinyGPT, micro: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Accumulate the grads of the mean loss over the step's micro-batches; return that loss."""
+    total = 0.0
+    for x, y in micro:
+        logits = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)) / len(micro)
+        loss.backward()
+        total = total + loss.detach()
+    return total
 
 
 def run_offloaded(name: str, make_opt, args, device: torch.device) -> Result:
@@ -205,11 +214,11 @@ def run_offloaded(name: str, make_opt, args, device: torch.device) -> Result:
     total = args.warmup + args.steps
     t_start = loss = None
     try:
-        for k, (x, y) in enumerate(batches(args, device, total)):
+        for k, micro in enumerate(batches(args, device, total)):
             if k == args.warmup:
                 t_start, waited, opt_times[:] = clock.now(), 0.0, []
             g_dev.zero_()
-            loss = forward_backward(model, x, y)
+            loss = forward_backward(model, micro)
             if k == 0:
                 check_grads_are_views(model, g_dev)
             down[k % 2].copy_(g_dev, non_blocking=True)
@@ -229,7 +238,7 @@ def run_offloaded(name: str, make_opt, args, device: torch.device) -> Result:
         elapsed = clock.now() - t_start
     finally:
         pool.shutdown(wait=True)
-    return Result(name, args.steps * args.batch * args.seq / elapsed, waited / elapsed,
+    return Result(name, args.steps * args.accum * args.batch * args.seq / elapsed, waited / elapsed,
                   1e3 * sum(opt_times) / max(len(opt_times), 1), loss.item(), master)
 
 
@@ -246,18 +255,18 @@ def run_on_device(name: str, args, device: torch.device) -> Result:
     in_opt = 0.0
     total = args.warmup + args.steps
     t_start = loss = None
-    for k, (x, y) in enumerate(batches(args, device, total)):
+    for k, micro in enumerate(batches(args, device, total)):
         if k == args.warmup:
             t_start, in_opt = clock.now(), 0.0
         g_dev.zero_()
-        loss = forward_backward(model, x, y)
+        loss = forward_backward(model, micro)
         t0 = clock.now()
         grad32.copy_(g_dev)
         opt.step()
         w_dev.copy_(master)
         in_opt += clock.now() - t0
     elapsed = clock.now() - t_start
-    return Result(name, args.steps * args.batch * args.seq / elapsed, in_opt / elapsed,
+    return Result(name, args.steps * args.accum * args.batch * args.seq / elapsed, in_opt / elapsed,
                   1e3 * in_opt / args.steps, loss.item(), master.cpu())
 
 
@@ -265,23 +274,26 @@ def run_on_device(name: str, args, device: torch.device) -> Result:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="where the model computes; cpu runs a small model unless sizes are given")
+                    help="where the model computes (default: cuda when available); cpu uses small default sizes")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: 20 on cuda, 5 on cpu)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     ap.add_argument("--d-model", type=int, default=None, help="width (default: 1024 on cuda, 64 on cpu)")
     ap.add_argument("--layers", type=int, default=None, help="blocks (default: 12 on cuda, 2 on cpu)")
     ap.add_argument("--heads", type=int, default=None, help="attention heads (default: 16 on cuda, 4 on cpu)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default: 32000 on cuda, 512 on cpu)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 1024 on cuda, 64 on cpu)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default: 16 on cuda, 4 on cpu)")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cpu-threads", type=int, default=None, help="torch.set_num_threads for the CPU optimizer")
+    ap.add_argument("--accum", type=int, default=1,
+                    help="micro-batches per optimizer step (gradient accumulation): the CPU step of "
+                         "one step overlaps all the micro-batches of the next (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="model init seed (default: %(default)s)")
+    ap.add_argument("--cpu-threads", type=int, default=None,
+                    help="torch.set_num_threads, used by the CPU optimizers (default: torch's choice)")
     ap.add_argument("--variants", default="roundpipe-cpu,torch-fused-cpu,optimizer-on-device",
-                    help="comma-separated subset to run")
+                    help="comma-separated subset to run (default: all three)")
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"
     defaults = dict(steps=(20, 5), d_model=(1024, 64), layers=(12, 2), heads=(16, 4), vocab=(32000, 512),
@@ -291,8 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, on_gpu if gpu else on_cpu)
     if args.d_model % args.heads:
         ap.error("--d-model must be a multiple of --heads")
-    if args.steps < 1 or args.warmup < 0:
-        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.accum < 1:
+        ap.error("--steps and --accum must be >= 1, --warmup >= 0")
     return args
 
 
@@ -309,7 +321,8 @@ def main(argv=None) -> None:
     print(f"device: {where}; CPU optimizer threads: {torch.get_num_threads()}; "
           f"roundpipe native kernel: {rpo.native_available()}")
     print(f"model: {n_params / 1e6:.1f}M params, d={args.d_model}, layers={args.layers}, vocab={args.vocab}; "
-          f"micro-batch {args.batch}x{args.seq} tokens; {args.warmup} warm-up + {args.steps} timed steps")
+          f"micro-batch {args.batch}x{args.seq} tokens, {args.accum} per step; "
+          f"{args.warmup} warm-up + {args.steps} timed steps")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     makers = {
         "roundpipe-cpu": lambda ps: rpo.Adam(ps, lr=args.lr),
