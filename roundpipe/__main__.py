@@ -138,6 +138,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     omp_env = os.environ.get("OMP_NUM_THREADS")
     _row("threads", f"{torch.get_num_threads()}  (torch.get_num_threads(); "
                     f"OMP_NUM_THREADS={omp_env if omp_env is not None else 'unset'})")
+    settings = [f"{k}={os.environ[k]}" for k in ("CC", "ROUNDPIPE_CACHE_DIR", "ROUNDPIPE_NO_CACHE",
+                                                   "ROUNDPIPE_REQUIRE_NATIVE") if k in os.environ]
+    _row("environment", " ".join(settings) or "no CC or ROUNDPIPE_* variables set")
     for w in caught:  # the fallback's warning is the "reason" row already
         text = " ".join(str(w.message).split()).removeprefix("roundpipe: ")
         if module is not None or not text.startswith("the native Adam kernel is unavailable"):

@@ -37,8 +37,6 @@ Environment:
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -60,6 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no fcntl; the build fails and Adam falls back to torch's
+    fcntl = None  # type: ignore[assignment]
 
 CACHE_VERSION = "2"
 MODULE_NAME = "_roundpipe_adam"
@@ -255,9 +258,11 @@ def openmp_runtimes_mapped() -> list[str]:
 
 
 def _link_args(runtime: str | None) -> list[str]:
+    # macOS: Python's symbols resolve when the module is loaded, not at link time.
+    darwin = ["-undefined", "dynamic_lookup"] if sys.platform == "darwin" else []
     if runtime:  # link by path: DT_NEEDED is the soname torch already loaded
-        return [runtime, "-Wl,-rpath," + os.path.dirname(runtime), "-lm"]
-    return ["-fopenmp", "-lm"]  # no runtime loaded yet: the compiler's own
+        return [runtime, "-Wl,-rpath," + os.path.dirname(runtime), "-lm", *darwin]
+    return ["-fopenmp", "-lm", *darwin]  # no runtime loaded yet: the compiler's own
 
 
 def key_inputs(cc: list[str] | None = None) -> dict[str, Any]:
@@ -390,6 +395,9 @@ class _FileLock:
         self.path, self.timeout, self.fd = path, timeout, -1
 
     def __enter__(self) -> "_FileLock":
+        if fcntl is None:
+            raise BuildError("building the kernel needs fcntl file locks, which this platform lacks",
+                             fix="use Linux or macOS; roundpipe.optim.Adam works here as torch's fused Adam")
         deadline = time.monotonic() + self.timeout
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -536,13 +544,13 @@ def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any],
         for scratch in work.iterdir():
             if scratch != artefact:
                 scratch.unlink()
-        seconds = time.perf_counter() - t0
+        seconds = round(time.perf_counter() - t0, 3)  # as meta.json and `info` show it
         meta = {
             "key": key,
             "inputs": inputs,
             "artefact": artefact.name,
             "sha256": _sha256(artefact),
-            "build_seconds": round(seconds, 3),
+            "build_seconds": seconds,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "built_by": f"pid {os.getpid()} on {platform.node()}",
         }
