@@ -110,6 +110,52 @@ def free() -> None:
     gc.collect()
 
 
+class ForeignLoad:
+    """CPU time used by *other* processes over an interval, as a fraction of all CPUs.
+
+    /proc/stat's busy time for the whole machine minus this process's own CPU
+    time (all its threads). On a shared 2-core box a neighbour's test run can
+    halve the bandwidth an optimizer sees; the table says when that happened.
+    """
+
+    HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return (sum(vals[:8]) - idle) / ForeignLoad.HZ
+
+    def __init__(self) -> None:
+        self.t0, self.b0, self.own0 = time.perf_counter(), self._busy_s(), sum(os.times()[:2])
+
+    def fraction(self) -> float | None:
+        busy = self._busy_s()
+        if busy is None or self.b0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        own = sum(os.times()[:2]) - self.own0
+        return max(0.0, (busy - self.b0 - own) / (wall * (os.cpu_count() or 1)))
+
+
+def wait_idle(max_wait: float, threshold: float = 0.05) -> float | None:
+    """Wait (at most max_wait s) until other processes use under `threshold` of the CPUs for 1 s."""
+    if max_wait <= 0:
+        return None
+    deadline = time.monotonic() + max_wait
+    while True:
+        probe = ForeignLoad()
+        time.sleep(1.0)
+        frac = probe.fraction()
+        if frac is None or frac < threshold or time.monotonic() > deadline:
+            return frac
+        log(f"  waiting for an idle machine: other processes use {frac:.0%} of the CPUs")
+
+
 # ---- workloads -----------------------------------------------------------------
 
 
@@ -223,20 +269,41 @@ class Entry:
     samples: list[float] = field(default_factory=list)
 
 
+# Rounds during which other processes took more than this share of the CPUs are
+# timed again (set by --max-foreign; None keeps every round).
+MAX_FOREIGN: float | None = None
+ROUND_STATS = {"discarded": 0}
+
+
 def run_rounds(entries: list[Entry], warmup: int, reps: int, inner: int = 1) -> None:
-    """Time `inner` calls of each entry's step per round, rotating the order each round."""
-    rounds = warmup + reps
-    for r in range(rounds):
+    """Time `inner` calls of each entry's step per round, rotating the order each round.
+
+    With MAX_FOREIGN set, a round in which other processes were busy is thrown
+    away and run again (at most 3 * reps extra rounds; then the rest is kept).
+    """
+    r = kept = extra = 0
+    while kept < reps:
         order = entries[r % len(entries):] + entries[: r % len(entries)]
+        load = ForeignLoad()
+        times = []
         for e in order:
             if e.before is not None:
                 e.before(r)
             t0 = time.perf_counter()
             for _ in range(inner):
                 e.step()
-            dt = (time.perf_counter() - t0) / inner
-            if r >= warmup:
-                e.samples.append(dt)
+            times.append((e, (time.perf_counter() - t0) / inner))
+        r += 1
+        if r <= warmup:
+            continue
+        frac = load.fraction() if MAX_FOREIGN is not None else None
+        if frac is not None and frac > MAX_FOREIGN and extra < 3 * reps:
+            extra += 1
+            ROUND_STATS["discarded"] += 1
+            continue
+        kept += 1
+        for e, dt in times:
+            e.samples.append(dt)
 
 
 # ---- results ---------------------------------------------------------------------------
@@ -252,6 +319,7 @@ class Result:
     note: str = ""
     kind: str = "throughput"  # or "overhead" (report microseconds per step)
     ref: str = "roundpipe"  # whose speed-up the ratios column gives
+    foreign_load: float | None = None  # other processes' share of the CPUs while this ran
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -291,6 +359,8 @@ def print_result(res: Result, out: Any) -> None:
     if res.note:
         print(f"   {res.note}", file=out)
     print(f"   speedup = the competitor's median time / {res.ref}'s", file=out)
+    if res.foreign_load is not None:
+        print(f"   other processes used {res.foreign_load:.0%} of the CPUs meanwhile", file=out)
     w = max([28] + [len(n) for n in res.rows])
     if res.kind == "overhead":
         print(f"{'competitor':<{w}} {'us/step':>10} {'min us':>10} {'speedup':>8}", file=out)
@@ -618,6 +688,8 @@ def bench_per_tensor(args: argparse.Namespace, threads: int) -> list[Result]:
 
 def print_per_tensor(res: Result, out: Any) -> None:
     print(f"\n## {res.workload}, {res.threads} threads\n   {res.note}", file=out)
+    if res.foreign_load is not None:
+        print(f"   other processes used {res.foreign_load:.0%} of the CPUs meanwhile", file=out)
     counts = list(next(iter(res.rows.values()))["points_us"])
     print(f"{'competitor':<16}" + "".join(f"{'N=' + c:>11}" for c in counts) + f"{'us/tensor':>11}", file=out)
     for name, r in res.rows.items():
@@ -709,6 +781,8 @@ def print_sweep_serial(sw: dict[str, Any], out: Any) -> None:
         print(f"{r['layout']:<20} {fmt_elems(r['numel']):>9} {r['warm_serial_us']:>11.1f} {r['warm_parallel_us']:>11.1f} "
               f"{r['warm_parallel_speedup']:>10.2f}x {r['cold_serial_us']:>11.1f} {r['cold_parallel_us']:>11.1f} "
               f"{r['cold_parallel_speedup']:>10.2f}x", file=out)
+    if sw.get("foreign_load") is not None:
+        print(f"   other processes used {sw['foreign_load']:.0%} of the CPUs meanwhile", file=out)
     for k, v in sw["crossover"].items():
         print(f"   crossover ({k}): " + (f"{v:,} elements ({fmt_elems(v)})" if v else "parallel never wins for good"),
               file=out)
@@ -743,14 +817,15 @@ def chunk_sweep(args: argparse.Namespace, workloads: list[Workload]) -> list[Res
 class _TimedLib:
     """Stands in for the cffi lib: times rp_adam_step, passes everything else through."""
 
-    def __init__(self, lib: Any) -> None:
+    def __init__(self, lib: Any, clock: Callable[[], float]) -> None:
         self._lib = lib
+        self._clock = clock
         self.c_time = 0.0
 
     def rp_adam_step(self, *a: Any) -> int:
-        t0 = time.perf_counter()
+        t0 = self._clock()
         r = self._lib.rp_adam_step(*a)
-        self.c_time += time.perf_counter() - t0
+        self.c_time += self._clock() - t0
         return r
 
     def __getattr__(self, name: str) -> Any:
@@ -758,17 +833,25 @@ class _TimedLib:
 
 
 class _TimedKernel:
-    def __init__(self, k: Any) -> None:
+    def __init__(self, k: Any, clock: Callable[[], float]) -> None:
         self.ffi = k.ffi
-        self.lib = _TimedLib(k.lib)
+        self.lib = _TimedLib(k.lib, clock)
 
 
 def profile_step(args: argparse.Namespace) -> str:
-    """Where roundpipe's step() spends its time on the tiny and many-small workloads."""
+    """Where roundpipe's step() spends its time on the tiny and many-small workloads.
+
+    Times are the calling thread's CPU time (time.thread_time), which other
+    processes sharing the machine do not inflate; the C call's share is what
+    the calling thread spent inside rp_adam_step (on more threads, the other
+    threads' work is not in it).
+    """
     lines = []
     cases = [("tiny", [(args.tiny,)], 20000 if not args.quick else 500)]
     n_small = args.small_count if not args.quick else 256
-    cases.append(("many-small", [(args.small_size,)] * n_small, 200 if not args.quick else 5))
+    cases.append(("many-small", [(args.small_size,)] * n_small, 100 if not args.quick else 5))
+    if not args.quick:
+        cases.append(("many-tiny", [(16,)] * 4096, 300))
     for fresh in (False, True):
         for name, shapes, steps in cases:
             params, sets = make_params(shapes, grad_sets=2)
@@ -776,37 +859,38 @@ def profile_step(args: argparse.Namespace) -> str:
             opt.step()
             before = new_grads_hook(params, sets)
             kernel = opt._kernel
-            timed = _TimedKernel(kernel) if kernel is not None else None
+            timed = _TimedKernel(kernel, time.thread_time) if kernel is not None else None
             if timed is not None:
                 opt._kernel = timed
-            # Wall time split: whole step(), the C call inside it, and the rest (Python).
             total = 0.0
             for r in range(steps):
                 if fresh:
                     before(r)
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 opt.step()
-                total += time.perf_counter() - t0
+                total += time.thread_time() - t0
             c_time = timed.lib.c_time if timed is not None else 0.0
+            py = (total - c_time) / steps
             lines.append(f"\n=== {name}: {len(shapes)} tensor(s) x {shapes[0][0]} elements, "
                          f"{'FRESH grad tensors each step' if fresh else 'grads reused (plan cached)'}, "
                          f"{torch.get_num_threads()} threads ===")
-            lines.append(f"step(): {total / steps * 1e6:.1f} us/step = C rp_adam_step {c_time / steps * 1e6:.1f} us "
-                         f"+ Python {(total - c_time) / steps * 1e6:.1f} us "
-                         f"({(total - c_time) / steps / len(shapes) * 1e9:.0f} ns per tensor)")
-            prof = cProfile.Profile()
+            lines.append(f"step(), calling thread's CPU time: {total / steps * 1e6:.1f} us/step = "
+                         f"C rp_adam_step {c_time / steps * 1e6:.1f} us + Python {py * 1e6:.1f} us "
+                         f"({py / len(shapes) * 1e9:.0f} ns per tensor)")
+            prof = cProfile.Profile(time.thread_time)
             prof.enable()
             for r in range(steps):
                 if fresh:
                     before(r)
                 opt.step()
             prof.disable()
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
-            body = s.getvalue()
-            start = body.find("   ncalls")
-            lines.append(f"cProfile over {steps} steps, top functions by own time:")
-            lines.append(body[start:].rstrip() if start >= 0 else body)
+            for key, count in (("tottime", 14), ("cumulative", 10)):
+                s = io.StringIO()
+                pstats.Stats(prof, stream=s).sort_stats(key).print_stats(count)
+                body = s.getvalue()
+                start = body.find("   ncalls")
+                lines.append(f"cProfile over {steps} steps (incl. the untimed grad swap), by {key}:")
+                lines.append(body[start:].rstrip() if start >= 0 else body)
             opt._kernel = kernel
             del opt, params, sets
             free()
@@ -849,6 +933,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-grads", action="store_true",
                     help="fresh grad tensor objects every step (as after zero_grad(set_to_none=True))")
     ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--max-foreign", type=float, default=None,
+                    help="time a round again when other processes used more than this share of the CPUs during it")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="before each workload, wait up to this many seconds for other processes to go quiet")
     ap.add_argument("--sweep-serial", action="store_true", help="measure the single-thread threshold")
     ap.add_argument("--sweep-reps", type=int, default=15)
     ap.add_argument("--chunk-sweep", action="store_true", help="measure CHUNK_ELEMS choices")
@@ -858,14 +946,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.quick:
-        args.big = 1 << 20
-        args.mix = args.mix or "layers=2,d=256,vocab=2000,ctx=128,mlp=4"
-        args.small_count, args.small_size = 64, 1024
+        args.big = 1 << 18
+        args.mix = args.mix or "layers=1,d=128,vocab=1000,ctx=64,mlp=4"
+        args.small_count, args.small_size = 32, 1024
         args.warmup, args.reps = 1, 3
         args.overhead_rounds, args.overhead_inner = 3, 20
         args.ib_width, args.ib_depth = 32, 2
         args.sweep_reps = 3
         args.chunks = [4096, 16384]
+    global MAX_FOREIGN
+    MAX_FOREIGN = args.max_foreign
     mix_cfg = parse_mix(args.mix)
     mixed_cfg = parse_mix(args.mixed_scale) if args.mixed_scale else mix_cfg
     thread_list = args.threads or [torch.get_num_threads()]
@@ -935,10 +1025,14 @@ def main(argv: list[str] | None = None) -> int:
             for key, fn in todo:
                 if key not in wanted:
                     continue
+                wait_idle(args.wait_idle)
+                load = ForeignLoad()
                 got = fn()
+                foreign = load.fraction()
                 for res in (got if isinstance(got, list) else [got]):
                     if res is None:
                         continue
+                    res.foreign_load = foreign
                     results.append(res)
                     if res.kind == "per-tensor":
                         print_per_tensor(res, out)
@@ -949,16 +1043,26 @@ def main(argv: list[str] | None = None) -> int:
                     out.flush()
         torch.set_num_threads(thread_list[-1] if len(thread_list) == 1 else before_threads)
         if args.sweep_serial:
+            wait_idle(args.wait_idle)
+            load = ForeignLoad()
             sw = sweep_serial(args)
+            sw["foreign_load"] = load.fraction()
             extra["sweep_serial"] = sw
             print_sweep_serial(sw, out)
         if args.chunk_sweep:
+            wait_idle(args.wait_idle)
+            load = ForeignLoad()
             cs = chunk_sweep(args, [small, big])
+            for r in cs:
+                r.foreign_load = load.fraction()
             extra["chunk_sweep"] = [r.to_json() for r in cs]
             for r in cs:
                 print_result(r, out)
         if args.profile:
+            wait_idle(args.wait_idle)
+            load = ForeignLoad()
             text = profile_step(args)
+            text += f"\n(other processes used {load.fraction() or 0:.0%} of the CPUs meanwhile)"
             extra["profile"] = text
             print(f"\n## profile of roundpipe step() ({torch.get_num_threads()} threads)", file=out)
             print(text, file=out)
@@ -969,6 +1073,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(before_threads)
 
     meta["loadavg_end"] = os.getloadavg()
+    meta["rounds_discarded_for_foreign_load"] = ROUND_STATS["discarded"]
+    if args.max_foreign is not None:
+        print(f"# rounds timed again because other processes used > {args.max_foreign:.0%} of the CPUs: "
+              f"{ROUND_STATS['discarded']}", file=out)
     print("\n# load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in meta["loadavg_end"]), file=out)
     if args.json:
         doc = {"meta": meta, "results": [r.to_json() for r in results], **extra}

@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench.py")
 
 
@@ -26,7 +24,7 @@ def test_quick_run_reports_every_workload(tmp_path):
     proc, doc = run_bench(tmp_path, "--workloads", "big,mix,small,tiny,in-backward,master-weights,grad-scaler")
     assert doc["meta"]["torch"]
     results = {r["workload"]: r for r in doc["results"]}
-    for name in ("big tensor", "transformer mix", "many small (64 x 1024)", "tiny (1000 elements)"):
+    for name in ("big tensor", "transformer mix", "many small (32 x 1024)", "tiny (1000 elements)"):
         assert name in results, f"missing workload {name!r}; have {sorted(results)}"
         rows = results[name]["rows"]
         assert {"roundpipe", "torch-fused", "torch-foreach", "torch-default", "roofline-probe"} <= set(rows)
@@ -57,9 +55,8 @@ def test_quick_sweeps_and_profile(tmp_path):
     assert "crossover" in proc.stdout
 
 
-@pytest.mark.parametrize("bad", [["--threads", "x"], ["--mix", "nope=1"]])
-def test_bad_arguments_fail_cleanly(tmp_path, bad):
-    proc = subprocess.run([sys.executable, BENCH, "--quick", "--no-deepspeed", "--workloads", "", *bad],
+def test_bad_arguments_fail_cleanly(tmp_path):
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--no-deepspeed", "--workloads", "", "--threads", "x"],
                           capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr or "SystemExit" in proc.stderr
+    assert "Traceback" not in proc.stderr and "--threads" in proc.stderr
