@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -69,32 +70,51 @@ class _GroupPlan:
     """One param group's tensors as the kernel sees them, reused while nothing changes.
 
     Built by ``Adam._plan``: the C arrays of tensor pointers and the chunk list
-    live here between steps, so a step whose grads are the same tensors as
-    last time does no per-tensor work in Python beyond an identity check.
+    live here between steps. A later step checks, with C-speed identity
+    comparisons, that the params, their storage and their state are the ones
+    the arrays point at; grads that are new tensors (``zero_grad()`` sets them
+    to None every step) are validated and only their pointers are updated.
     """
 
-    def __init__(self, group: dict[str, Any]) -> None:
+    def __init__(self, group: dict[str, Any], config: tuple) -> None:
         self.group = group
+        self.config = config  # (amsgrad, master_weights, exp_avg_dtype, exp_avg_sq_dtype)
+        self.amsgrad: bool = config[0]
+        self.all_grads: list[Tensor | None] = []  # p.grad of every param in the group
+        self.slots: list[int] = []  # group index -> position in params (-1: no grad)
         self.params: list[Tensor] = []  # those with a grad, in group order
         self.grads: list[Tensor] = []
         self.states: list[dict[str, Any]] = []
+        self.state_keys: tuple[str, ...] = ()
+        self.state_tensors: list[list[Tensor]] = []  # per key in state_keys, per param
         self.param_ptrs: list[int] = []
+        self.new_grads: list[tuple[int, Tensor]] = []  # (group index, grad) to point at on the next run
         self.tensors: Any = None  # rp_tensor[] (native path)
         self.chunks: Any = None  # rp_chunk[]
         self.n_chunks = 0
         self.hyper: Any = None  # rp_hyper *
         self.keepalive: list[Tensor] = []
-        self.config: tuple = ()
-        self.amsgrad = False
         self.built = False  # state created and C arrays filled (on the first run)
 
-    def matches(self, params_with_grad: list[Tensor], grads: list[Tensor], state: dict) -> bool:
-        if not self.built or len(grads) != len(self.grads):
-            return False
-        for p, g, g0, s0, ptr in zip(params_with_grad, grads, self.grads, self.states, self.param_ptrs):
-            if g is not g0 or state.get(p) is not s0 or p.data_ptr() != ptr:
-                return False
-        return True
+    def changed_grads(self, all_grads: list[Tensor | None], state: dict) -> list[int] | None:
+        """Indices (in the group) whose grad is a new tensor, or None if the plan no longer fits."""
+        if not self.built or len(all_grads) != len(self.all_grads):
+            return None
+        changed: list[int] = []
+        if not all(map(operator.is_, all_grads, self.all_grads)):
+            for i, (g, g0) in enumerate(zip(all_grads, self.all_grads)):
+                if g is not g0:
+                    if g is None or g0 is None:
+                        return None  # another set of params has grads
+                    changed.append(i)
+        if list(map(Tensor.data_ptr, self.params)) != self.param_ptrs:
+            return None  # a param's storage was swapped (p.data = ...)
+        if not all(map(operator.is_, map(state.get, self.params), self.states)):
+            return None
+        for key, tensors in zip(self.state_keys, self.state_tensors):
+            if not all(map(operator.is_, map(operator.itemgetter(key), self.states), tensors)):
+                return None  # a state tensor was replaced
+        return changed
 
 
 class Adam(Optimizer):
@@ -311,34 +331,37 @@ class Adam(Optimizer):
         return loss
 
     def _plan(self, gi: int, group: dict[str, Any]) -> _GroupPlan:
-        """Validate group `gi` and return its kernel plan (cached while its tensors are unchanged)."""
+        """Validate group `gi` and return its kernel plan. Mutates nothing but the plan cache."""
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], f" (param group {gi})")
-        params_with_grad = []
-        grads = []
-        for p in group["params"]:
-            g = p.grad
-            if g is not None:
-                params_with_grad.append(p)
-                grads.append(g)
-        plan = self._plans.get(gi)
+        all_grads = [p.grad for p in group["params"]]
         config = (bool(group["amsgrad"]), bool(group["master_weights"]), group["exp_avg_dtype"], group["exp_avg_sq_dtype"])
-        if plan is not None and plan.group is group and plan.config == config and plan.matches(params_with_grad, grads, self.state):
-            return plan
+        plan = self._plans.get(gi)
+        if plan is not None and plan.group is group and plan.config == config:
+            changed = plan.changed_grads(all_grads, self.state)
+            if changed is not None:
+                params = group["params"]
+                for i in changed:
+                    _check_tensor(params[i], all_grads[i], f"param group {gi}, param {i}")
+                plan.new_grads = [(i, all_grads[i]) for i in changed]
+                return plan
         # Full check of every tensor and its state; state for new params and the
         # C arrays are made on the first run, after every group has passed.
         _check_precision_options(*config[1:], where=f" (param group {gi})")
-        index = {id(p): i for i, p in enumerate(group["params"])}
-        for p, g in zip(params_with_grad, grads):
-            where = f"param group {gi}, param {index[id(p)]}"
+        plan = _GroupPlan(group, config)
+        plan.all_grads = all_grads
+        for i, (p, g) in enumerate(zip(group["params"], all_grads)):
+            if g is None:
+                plan.slots.append(-1)
+                continue
+            where = f"param group {gi}, param {i}"
             _check_tensor(p, g, where)
             layout = _layout(group, p, where)
             st = self.state.get(p)
             if st:
-                _check_state(p, st, config[0], layout, where)
-        plan = _GroupPlan(group)
-        plan.config = config
-        plan.amsgrad = config[0]
-        plan.params, plan.grads = params_with_grad, grads
+                _check_state(p, st, plan.amsgrad, layout, where)
+            plan.slots.append(len(plan.params))
+            plan.params.append(p)
+            plan.grads.append(g)
         self._plans[gi] = plan
         return plan
 
@@ -361,6 +384,11 @@ class Adam(Optimizer):
                 state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
         plan.states = [self.state[p] for p in plan.params]
         plan.param_ptrs = [p.data_ptr() for p in plan.params]
+        keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if plan.amsgrad else [])
+        if plan.config[1] and any(p.dtype in _LOW_PRECISION for p in plan.params):
+            keys.append("master_param")
+        plan.state_keys = tuple(keys)
+        plan.state_tensors = [[st.get(k) for st in plan.states] for k in keys]
 
     def _build_native(self, plan: _GroupPlan) -> None:
         ffi, lib = self._kernel.ffi, self._kernel.lib
@@ -372,8 +400,9 @@ class Adam(Optimizer):
             if plan.amsgrad:
                 views.append(st["max_exp_avg_sq"])
             views = [torch.view_as_real(t) if t.is_complex() else t for t in views]
-            keep.extend(views)
-            keep.append(st["step"])
+            # plan.params/grads/state_tensors hold the tensors behind every pointer;
+            # the grad is deliberately not kept here, so an old grad can be freed.
+            keep.extend(views[:1] + views[2:])
             t = tensors[i]
             t.param = ffi.cast("void *", views[0].data_ptr())
             t.grad = ffi.cast("void *", views[1].data_ptr())
@@ -403,10 +432,17 @@ class Adam(Optimizer):
             if self._kernel is not None:
                 self._build_native(plan)
             plan.built = True
-        if self._kernel is None:
+        ffi = self._kernel.ffi if self._kernel is not None else None
+        if plan.new_grads:  # grads checked by _plan; point the arrays at them
+            for i, g in plan.new_grads:
+                slot = plan.slots[i]
+                plan.all_grads[i] = plan.grads[slot] = g
+                if ffi is not None:
+                    plan.tensors[slot].grad = ffi.cast("void *", g.data_ptr())
+            plan.new_grads = []
+        if ffi is None:
             _torch_fused_step(plan, grad_scale, found_inf)
             return
-        ffi = self._kernel.ffi
         beta1, beta2 = group["betas"]
         h = plan.hyper
         h.lr = _scalar(group["lr"])
