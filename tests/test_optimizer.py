@@ -1,0 +1,203 @@
+"""roundpipe.optim.Adam behaves like any torch optimizer: signature, checks, groups, state_dict, caching."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from conftest import assert_bits_equal
+
+import roundpipe.optim as rpo
+
+
+def test_signature_extends_torch_adam_exactly():
+    ours = list(inspect.signature(rpo.Adam.__init__).parameters.values())
+    theirs = list(inspect.signature(torch.optim.Adam.__init__).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
+        (p.name, p.kind, p.default) for p in theirs
+    ]
+    # the extras are keyword-only, after torch's
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
+    w_ours = inspect.signature(rpo.AdamW.__init__).parameters
+    assert w_ours["weight_decay"].default == inspect.signature(torch.optim.AdamW.__init__).parameters["weight_decay"].default
+
+
+@pytest.mark.parametrize("name", ["foreach", "fused"])
+@pytest.mark.parametrize("value", [True, False])
+def test_foreach_and_fused_warn_and_are_ignored(name, value):
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.warns(UserWarning, match=f"ignores {name}"):
+        opt = rpo.Adam([p], **{name: value})
+    assert opt.param_groups[0][name] is value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rpo.Adam([p])  # None: no warning
+
+
+@pytest.mark.parametrize("name", ["capturable", "differentiable"])
+def test_capturable_and_differentiable_are_refused(name):
+    with pytest.raises(ValueError, match=f"{name}=True is not supported"):
+        rpo.Adam([torch.zeros(3, requires_grad=True)], **{name: True})
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(lr=-1.0), "Invalid learning rate"),
+        (dict(eps=-1e-8), "Invalid epsilon"),
+        (dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+        (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), "1-element"),
+        (dict(betas=(torch.tensor(0.9), 0.999)), "both floats or both Tensors"),
+    ],
+)
+def test_value_checks_match_torch(kw, match):
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=match):
+        rpo.Adam([p], **kw)
+    with pytest.raises(ValueError):
+        torch.optim.Adam([p], **kw)
+
+
+def test_param_groups_add_group_zero_grad_closure_and_none_grads():
+    torch.manual_seed(0)
+    a, b, c, empty = (torch.randn(5, requires_grad=True) for _ in range(3)), None, None, None
+    a, b, c = list(a)
+    empty = torch.zeros(0, requires_grad=True)
+    ours = rpo.Adam([{"params": [a, empty]}, {"params": [b], "lr": 0.1, "amsgrad": True}], lr=1e-2)
+    ref = torch.optim.Adam([{"params": [x := a.detach().clone().requires_grad_(), e2 := empty.detach().clone().requires_grad_()]},
+                            {"params": [y := b.detach().clone().requires_grad_()], "lr": 0.1, "amsgrad": True}],
+                           lr=1e-2, fused=True)
+    for step in range(6):
+        if step == 3:
+            ours.add_param_group({"params": [c], "weight_decay": 0.5})
+            ref.add_param_group({"params": [z := c.detach().clone().requires_grad_()], "weight_decay": 0.5})
+        ours.zero_grad(set_to_none=step % 2 == 0)
+        ref.zero_grad(set_to_none=step % 2 == 0)
+
+        def closure(params):
+            loss = sum((p * p).sum() for p in params)
+            loss.backward()
+            return loss
+
+        pa = [a, empty] + ([c] if step >= 3 else [])  # b never gets a grad after step 0
+        pr = [x, e2] + ([z] if step >= 3 else [])
+        if step == 0:
+            pa.append(b)
+            pr.append(y)
+        la = ours.step(lambda: closure(pa))
+        lb = ref.step(lambda: closure(pr))
+        assert la.item() == lb.item()
+    for u, v in [(a, x), (b, y), (c, z), (empty, e2)]:
+        assert_bits_equal(u, v, "param")
+    # b's grad was None only after a set_to_none zero_grad: skipped exactly as torch skips it
+    assert ours.state[b]["step"].item() == ref.state[y]["step"].item() < 6
+    lonely = torch.zeros(3, requires_grad=True)
+    ours.add_param_group({"params": [lonely]})
+    ours.step()
+    assert lonely not in ours.state  # never had a grad: no state, untouched
+
+
+def test_state_layout_and_state_dict_both_ways():
+    torch.manual_seed(0)
+    p = torch.randn(50, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    with pytest.warns(UserWarning, match="ignores fused"):
+        ours = rpo.Adam([p], amsgrad=True, fused=True)
+    ref = torch.optim.Adam([q], amsgrad=True, fused=True)
+    for _ in range(3):
+        g = torch.randn(50)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    st = ours.state[p]
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
+    sd_ours, sd_ref = ours.state_dict(), ref.state_dict()
+    assert sd_ours["state"].keys() == sd_ref["state"].keys()
+    assert {k: v for k, v in sd_ours["param_groups"][0].items() if k in sd_ref["param_groups"][0]} == sd_ref["param_groups"][0]
+    # cross-load: each continues identically from the other's state
+    p2, q2 = p.detach().clone().requires_grad_(), q.detach().clone().requires_grad_()
+    ours2, ref2 = rpo.Adam([p2], amsgrad=True), torch.optim.Adam([q2], amsgrad=True, fused=True)
+    ours2.load_state_dict(copy.deepcopy(sd_ref))
+    ref2.load_state_dict(copy.deepcopy(sd_ours))
+    for _ in range(3):
+        g = torch.randn(50)
+        for t in (p, q, p2, q2):
+            t.grad = g.clone()
+        for o in (ours, ref, ours2, ref2):
+            o.step()
+    for t in (q, p2, q2):
+        assert_bits_equal(p, t, "continued after cross-load")
+
+
+def test_old_pickles_and_python_number_steps_load():
+    p = torch.randn(4, requires_grad=True)
+    opt = rpo.Adam([p])
+    p.grad = torch.ones(4)
+    opt.step()
+    state = opt.__getstate__()
+    for g in state["param_groups"]:
+        for key in ("master_weights", "exp_avg_dtype", "exp_avg_sq_dtype", "decoupled_weight_decay"):
+            g.pop(key)
+    state["state"][p]["step"] = 1.0  # very old torch pickles kept a Python number
+    opt2 = rpo.Adam.__new__(rpo.Adam)
+    opt2.__setstate__(state)
+    assert opt2.param_groups[0]["master_weights"] is False
+    assert torch.is_tensor(opt2.state[p]["step"])
+    opt2.step()
+    assert opt2.state[p]["step"].item() == 2
+    pickle.loads(pickle.dumps(opt2))  # no cffi objects in the pickle
+
+
+def run_with_changes(opt_cls, change, **kw):
+    torch.manual_seed(0)
+    ps = [torch.randn(40, requires_grad=True), torch.randn(9, requires_grad=True)]
+    opt = opt_cls(ps, lr=1e-2, **kw)
+    g = torch.Generator().manual_seed(1)
+    for step in range(8):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        change(step, ps, opt)
+        opt.step()
+    return ps, opt
+
+
+CHANGES = {
+    # the plan cache must notice each of these between steps
+    "param storage swapped": lambda s, ps, o: s == 4 and setattr(ps[0], "data", ps[0].data.clone()),
+    "grad reused in place": lambda s, ps, o: s >= 4 and setattr(ps[1], "grad", ps[1].grad) ,
+    "state tensor replaced": lambda s, ps, o: s == 4 and o.state[ps[0]].__setitem__("exp_avg", o.state[ps[0]]["exp_avg"].clone()),
+    "step tensor replaced": lambda s, ps, o: s == 4 and o.state[ps[0]].__setitem__("step", o.state[ps[0]]["step"].clone()),
+    "grad set to None": lambda s, ps, o: s == 5 and setattr(ps[1], "grad", None),
+    "state cleared": lambda s, ps, o: s == 5 and o.state.clear(),
+}
+
+
+@pytest.mark.parametrize("name", CHANGES)
+def test_plan_cache_follows_changes_between_steps(name):
+    a, oa = run_with_changes(rpo.Adam, CHANGES[name])
+    b, ob = run_with_changes(torch.optim.Adam, CHANGES[name], fused=True)
+    for x, y in zip(a, b):
+        assert_bits_equal(x, y, name)
+        for k in ob.state[y]:
+            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"{name}: state {k}")
+
+
+def test_same_grads_reused_across_steps_match_torch():
+    p = torch.randn(100, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    p.grad, q.grad = torch.ones(100), torch.ones(100)
+    a, b = rpo.Adam([p]), torch.optim.Adam([q], fused=True)
+    for _ in range(5):
+        p.grad.mul_(1.5)
+        q.grad.mul_(1.5)  # same grad object, new values
+        a.step()
+        b.step()
+    assert_bits_equal(p, q, "reused grad")
