@@ -238,7 +238,11 @@ def fp32_competitors(args: argparse.Namespace) -> dict[str, Callable[[list], Any
     }
     if args.deepspeed_cls is not None:
         cls = args.deepspeed_cls
-        comps["deepspeed"] = lambda ps: cls(ps, lr=LR, adamw_mode=False)
+
+        def make_ds(ps: list) -> Any:
+            with contextlib.redirect_stdout(io.StringIO()):  # it announces loading its op
+                return cls(ps, lr=LR, adamw_mode=False)  # adamw_mode=False: Adam's coupled decay rule
+        comps["deepspeed"] = make_ds
     return comps
 
 
@@ -897,7 +901,107 @@ def profile_step(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+# ---- targets (issue 4 section 3, issue 5 section 5) and scaling summary ---------------------------
+
+
+def _ratio(res: Result, a: str, b: str) -> float | None:
+    """How many times faster a is than b in this result (None when either is missing)."""
+    if a in res.rows and b in res.rows:
+        return res.rows[b]["median_s"] / res.rows[a]["median_s"]
+    return None
+
+
+def check_targets(results: list[Result]) -> list[dict[str, Any]]:
+    """Each target of the issues against this run: measured value, goal, met or not."""
+    checks: list[dict[str, Any]] = []
+
+    def add(threads: int, workload: str, what: str, value: float | None, goal: float, higher_better: bool = True) -> None:
+        if value is None:
+            return
+        ok = value >= goal if higher_better else value <= goal
+        checks.append({"threads": threads, "workload": workload, "what": what, "value": value,
+                       "goal": goal, "higher_is_better": higher_better, "met": ok})
+
+    for res in results:
+        if not res.rows:
+            continue
+        rp = res.rows.get("roundpipe")
+        th = res.threads
+        if res.workload == "big tensor" and rp:
+            add(th, res.workload, "roundpipe / roofline", rp["frac_roofline"], 0.95)
+        elif res.workload == "transformer mix" and rp:
+            add(th, res.workload, "roundpipe / roofline", rp["frac_roofline"], 0.90)
+            add(th, res.workload, "speedup vs torch-fused", _ratio(res, "roundpipe", "torch-fused"), 1.1)
+            add(th, res.workload, "speedup vs torch-default", _ratio(res, "roundpipe", "torch-default"), 5.0)
+        elif res.workload.startswith("many small") and rp:
+            add(th, res.workload, "roundpipe / roofline", rp["frac_roofline"], 0.85)
+            add(th, res.workload, "speedup vs torch-fused", _ratio(res, "roundpipe", "torch-fused"), 1.5)
+        elif res.workload.startswith("tiny") and rp and "torch-fused" in res.rows:
+            add(th, res.workload, "roundpipe us/step / torch-fused us/step",
+                rp["median_s"] / res.rows["torch-fused"]["median_s"], 1.0, higher_better=False)
+        elif "master_weights" in res.workload:
+            add(th, res.workload, "speedup vs torch seq (foreach_copy)",
+                _ratio(res, "roundpipe master_weights", "torch seq (foreach_copy)"), 1.5)
+            add(th, res.workload, "speedup vs torch seq (grad.float())",
+                _ratio(res, "roundpipe master_weights", "torch seq (grad.float())"), 1.5)
+        elif res.workload.startswith("GradScaler"):
+            add(th, res.workload, "via GradScaler: speedup vs torch-fused",
+                _ratio(res, "roundpipe via GradScaler", "torch-fused via GradScaler"), 1.3)
+            add(th, res.workload, "via GradScaler: speedup vs torch-foreach",
+                _ratio(res, "roundpipe via GradScaler", "torch-foreach via GradScaler"), 1.3)
+            add(th, res.workload, "direct step(): speedup vs torch-fused",
+                _ratio(res, "roundpipe step(grad_scale,found_inf)", "torch-fused step(grad_scale,found_inf)"), 1.3)
+    return checks
+
+
+def print_targets(checks: list[dict[str, Any]], out: Any) -> None:
+    if not checks:
+        return
+    print("\n## targets (issue 4 section 3; issue 5 section 5)", file=out)
+    print(f"{'threads':>7}  {'workload':<44} {'measure':<42} {'value':>7} {'goal':>8}  met", file=out)
+    for c in checks:
+        goal = (">= " if c["higher_is_better"] else "<= ") + f"{c['goal']:g}"
+        print(f"{c['threads']:>7}  {c['workload'][:44]:<44} {c['what']:<42} {c['value']:>7.3f} {goal:>8}  "
+              f"{'yes' if c['met'] else 'NO'}", file=out)
+
+
+def print_scaling(results: list[Result], out: Any) -> None:
+    """Gelem/s per thread count, for every throughput workload run at more than one count."""
+    by: dict[str, dict[int, Result]] = {}
+    for r in results:
+        if r.kind == "throughput" and r.rows:
+            by.setdefault(r.workload, {})[r.threads] = r
+    by = {k: v for k, v in by.items() if len(v) > 1}
+    if not by:
+        return
+    print("\n## scaling: Gelem/s by thread count", file=out)
+    for workload, per in by.items():
+        counts = sorted(per)
+        print(f"\n{workload}", file=out)
+        print(f"{'competitor':<40}" + "".join(f"{str(c) + ' thr':>10}" for c in counts), file=out)
+        for name in per[counts[0]].rows:
+            print(f"{name:<40}" + "".join(
+                f"{per[c].rows[name]['gelem_s']:>10.3f}" if name in per[c].rows else f"{'-':>10}" for c in counts),
+                file=out)
+
+
 # ---- driver ------------------------------------------------------------------------------------
+
+
+def git_state() -> str:
+    """The commit of the roundpipe being measured, and whether its sources differ from it."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(roundpipe.__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "roundpipe"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "not a git checkout"
+    return head + (" + uncommitted changes in roundpipe/" if dirty else "")
 
 
 def int_list(text: str) -> list[int]:
@@ -980,11 +1084,13 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed": "available" if args.deepspeed_cls is not None else f"skipped: {ds_why}",
         "argv": sys.argv[1:] if argv is None else argv,
         "mix_config": mix_cfg,
+        "git": git_state(),
         "loadavg_start": os.getloadavg(),
     }
     print(f"# roundpipe Adam benchmark  {meta['date']}", file=out)
     print(f"# CPU: {meta['cpu']} ({meta['logical_cpus']} logical CPUs); torch {meta['torch']}; "
           f"python {meta['python']}; roundpipe native kernel: {meta['roundpipe_native']}", file=out)
+    print(f"# roundpipe at {meta['git']}", file=out)
     print(f"# deepspeed: {meta['deepspeed']}; CHUNK_ELEMS={meta['chunk_elems']}, SERIAL_BELOW={meta['serial_below']}",
           file=out)
     print("# load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in meta["loadavg_start"])
@@ -1072,6 +1178,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(before_threads)
 
+    print_scaling(results, out)
+    checks = check_targets(results)
+    extra["targets"] = checks
+    print_targets(checks, out)
     meta["loadavg_end"] = os.getloadavg()
     meta["rounds_discarded_for_foreign_load"] = ROUND_STATS["discarded"]
     if args.max_foreign is not None:
