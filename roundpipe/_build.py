@@ -475,8 +475,11 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
             # The warm path: an intact entry loads without a lock or a write.
             found = _valid_entry(root / key, key)
             if found is not None:
-                with contextlib.suppress(ImportError):
+                try:
                     module = _load(found[0])
+                except ImportError:  # hashed right, does not load: rebuild it below
+                    force = True
+                else:
                     _loaded(found[0], True, found[1].get("build_seconds"), t0)
                     return module
         if private is None:
