@@ -268,7 +268,7 @@ def _link_args(runtime: str | None) -> list[str]:
 def key_inputs(cc: list[str] | None = None) -> dict[str, Any]:
     """Everything that affects the built binary."""
     cc = cc or compiler_command()
-    import cffi
+    import _cffi_backend  # the extension cffi's modules load; cffi checks its version equals cffi's
 
     source = hashlib.sha256()
     for part in (KERNEL_SOURCE.read_bytes(), KERNEL_HEADER.read_bytes(), CFFI_SOURCE.encode()):
@@ -284,7 +284,7 @@ def key_inputs(cc: list[str] | None = None) -> dict[str, Any]:
         "link_flags": _link_args(runtime),
         "source_sha256": source.hexdigest(),  # adam.c, adam.h (the cdef), cffi's wrapper source
         "python_abi": sys.implementation.cache_tag + " " + importlib.machinery.EXTENSION_SUFFIXES[0],
-        "cffi_version": cffi.__version__,
+        "cffi_version": _cffi_backend.__version__,
         "openmp_runtime": runtime,
     }
 
@@ -297,6 +297,9 @@ def cache_root() -> Path:
     env = os.environ.get("ROUNDPIPE_CACHE_DIR", "").strip()
     if env:
         return Path(env).expanduser()
+    if sys.platform.startswith("linux"):  # platformdirs' answer, without its import on the warm path
+        xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+        return Path(xdg or os.path.expanduser("~/.cache")) / "roundpipe"
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("roundpipe"))

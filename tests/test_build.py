@@ -489,3 +489,15 @@ result = {"native": rpo.native_available(), "mapped": sorted(mapped),
     torch_runtimes = [p for p in os.listdir(result["torch_lib"]) if p.startswith(("libgomp", "libiomp", "libomp"))]
     if torch_runtimes:  # the pip wheel ships its own: that one, not the system's
         assert os.path.dirname(result["mapped"][0]) == result["torch_lib"]
+
+
+def test_the_default_cache_root_is_platformdirs_user_cache(monkeypatch, tmp_path):
+    import platformdirs
+
+    monkeypatch.delenv("ROUNDPIPE_CACHE_DIR")
+    for xdg in (None, str(tmp_path / "xdg")):
+        if xdg is None:
+            monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        else:
+            monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert _build.cache_root() == Path(platformdirs.user_cache_dir("roundpipe"))
