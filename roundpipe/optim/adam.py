@@ -38,6 +38,21 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
+try:  # FSDP2 and tensor parallel hand the optimizer DTensors; the kernel steps their local shards
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = None
+
+
+def _local(t: Tensor) -> Tensor:
+    """The plain tensor behind t: its local shard for a DTensor (whose data_ptr() is 0), else t."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+def _local_ptr(t: Tensor) -> int:
+    return _local(t).data_ptr()
+
+
 def native_available() -> bool:
     """True when steps run in roundpipe's compiled kernel, False on the torch fallback."""
     return _build.load_kernel() is not None
@@ -95,6 +110,7 @@ class _GroupPlan:
         self.hyper: Any = None  # rp_hyper *
         self.keepalive: list[Tensor] = []
         self.built = False  # state created and C arrays filled (on the first run)
+        self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
 
     def changed_grads(self, all_grads: list[Tensor | None], state: dict) -> list[int] | None:
         """Indices (in the group) whose grad is a new tensor, or None if the plan no longer fits."""
@@ -107,7 +123,7 @@ class _GroupPlan:
                     if g is None or g0 is None:
                         return None  # another set of params has grads
                     changed.append(i)
-        if list(map(Tensor.data_ptr, self.params)) != self.param_ptrs:
+        if list(map(self.ptr_of, self.params)) != self.param_ptrs:
             return None  # a param's storage was swapped (p.data = ...)
         if not all(map(operator.is_, map(state.get, self.params), self.states)):
             return None
@@ -380,10 +396,12 @@ class Adam(Optimizer):
             if master and "master_param" not in state:
                 state["master_param"] = p.detach().to(torch.float32, copy=True)
             step = state["step"]
-            if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu"):
+            if not (type(step) is Tensor and step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu"):
                 state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
         plan.states = [self.state[p] for p in plan.params]
-        plan.param_ptrs = [p.data_ptr() for p in plan.params]
+        if _DTensor is not None and any(isinstance(p, _DTensor) for p in plan.params):
+            plan.ptr_of = _local_ptr
+        plan.param_ptrs = list(map(plan.ptr_of, plan.params))
         keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if plan.amsgrad else [])
         if plan.config[1] and any(p.dtype in _LOW_PRECISION for p in plan.params):
             keys.append("master_param")
@@ -399,6 +417,7 @@ class Adam(Optimizer):
             views = [p, g, st["exp_avg"], st["exp_avg_sq"]]
             if plan.amsgrad:
                 views.append(st["max_exp_avg_sq"])
+            views = [_local(t) for t in views]
             views = [torch.view_as_real(t) if t.is_complex() else t for t in views]
             # plan.params/grads/state_tensors hold the tensors behind every pointer;
             # the grad is deliberately not kept here, so an old grad can be freed.
@@ -412,7 +431,7 @@ class Adam(Optimizer):
             master = st.get("master_param") if plan.config[1] and p.dtype in _LOW_PRECISION else None
             if master is not None:
                 keep.append(master)
-            t.master = ffi.cast("float *", master.data_ptr()) if master is not None else ffi.NULL
+            t.master = ffi.cast("float *", _local_ptr(master)) if master is not None else ffi.NULL
             t.step = ffi.cast("float *", st["step"].data_ptr())
             t.numel = views[0].numel()
             t.param_dtype = _DTYPE_CODES[views[0].dtype]
@@ -438,7 +457,7 @@ class Adam(Optimizer):
                 slot = plan.slots[i]
                 plan.all_grads[i] = plan.grads[slot] = g
                 if ffi is not None:
-                    plan.tensors[slot].grad = ffi.cast("void *", g.data_ptr())
+                    plan.tensors[slot].grad = ffi.cast("void *", plan.ptr_of(g))
             plan.new_grads = []
         if ffi is None:
             _torch_fused_step(plan, grad_scale, found_inf)
@@ -513,9 +532,12 @@ def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
         raise RuntimeError(f"roundpipe Adam: {where} has its grad on {g.device}; move it to the CPU")
     if g.shape != p.shape:
         raise ValueError(f"roundpipe Adam: {where} has grad shape {tuple(g.shape)} but param shape {tuple(p.shape)}")
-    if not p.is_contiguous():
+    lp, lg = _local(p), _local(g)
+    if lg.shape != lp.shape:
+        raise ValueError(f"roundpipe Adam: {where} has a grad sharded differently from the param")
+    if not lp.is_contiguous():
         raise ValueError(f"roundpipe Adam: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
-    if not g.is_contiguous():
+    if not lg.is_contiguous():
         raise ValueError(f"roundpipe Adam: {where} has a non-contiguous grad; make it contiguous before step()")
 
 
@@ -549,7 +571,8 @@ def _check_state(p: Tensor, st: dict[str, Any], amsgrad: bool, layout: tuple, wh
         t = st.get(name)
         if t is None:
             raise RuntimeError(f"roundpipe Adam: {where} has no state[{name!r}] (was amsgrad turned on mid-training?)")
-        if t.dtype != dtype or t.shape != p.shape or t.device.type != "cpu" or not t.is_contiguous():
+        lt = _local(t)
+        if t.dtype != dtype or t.shape != p.shape or lt.shape != _local(p).shape or t.device.type != "cpu" or not lt.is_contiguous():
             raise RuntimeError(
                 f"roundpipe Adam: {where} has state[{name!r}] of dtype {t.dtype}, shape {tuple(t.shape)} "
                 f"on {t.device}; this group keeps it as a contiguous CPU {dtype} tensor of shape {tuple(p.shape)}"
