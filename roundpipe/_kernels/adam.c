@@ -377,15 +377,39 @@ int rp_adam_step(const rp_hyper *h, rp_tensor *tensors, int64_t n_tensors,
 
 /* ---- roofline probe -------------------------------------------------------- */
 
-void rp_roofline_probe(float *a, const float *b, float *c, float *d, int64_t n,
-                       int32_t num_threads)
+#define RP_PROBE_CHUNK 16384 /* elements per chunk, as CHUNK_ELEMS in optim/adam.py */
+
+static void probe_span(float *restrict a, const float *restrict b, float *restrict c,
+                       float *restrict d, int64_t n)
 {
-    if (num_threads < 1 || forked_child) num_threads = 1;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t i = 0; i < n; i++) {
         const float x = b[i];
         a[i] += x;
         c[i] += x;
         d[i] += x;
+    }
+}
+
+void rp_roofline_probe(float *a, const float *b, float *c, float *d, int64_t n,
+                       int32_t num_threads)
+{
+    /* Scheduled like rp_adam_step (chunks from a shared counter), so the probe
+       measures memory, not a difference in scheduling. */
+    const int64_t n_chunks = (n + RP_PROBE_CHUNK - 1) / RP_PROBE_CHUNK;
+    if (num_threads < 1 || forked_child) num_threads = 1;
+    if (num_threads == 1 || n_chunks < 2) {
+        probe_span(a, b, c, d, n);
+        return;
+    }
+    int64_t next = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        for (;;) {
+            const int64_t k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (k >= n_chunks) break;
+            const int64_t b0 = k * RP_PROBE_CHUNK;
+            const int64_t len = n - b0 < RP_PROBE_CHUNK ? n - b0 : RP_PROBE_CHUNK;
+            probe_span(a + b0, b + b0, c + b0, d + b0, len);
+        }
     }
 }
