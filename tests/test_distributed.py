@@ -52,12 +52,13 @@ requires_dist = pytest.mark.skipif(
 
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 7), nn.Tanh(), nn.Linear(7, 5))
+    # Odd widths: FSDP2 shards dim 0 unevenly, and the last layer's single row leaves rank 1 an empty shard.
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 7), nn.Tanh(), nn.Linear(7, 1))
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(10_000 + step)
-    return torch.randn(WORLD * LOCAL_BATCH, 12, generator=gen), torch.randn(WORLD * LOCAL_BATCH, 5, generator=gen)
+    return torch.randn(WORLD * LOCAL_BATCH, 12, generator=gen), torch.randn(WORLD * LOCAL_BATCH, 1, generator=gen)
 
 
 def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

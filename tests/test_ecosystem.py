@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
 
-from conftest import assert_bits_equal
+from conftest import assert_bits_equal, run_python
 
 import roundpipe.optim as rpo
 
@@ -418,8 +418,7 @@ def test_state_dict_and_load_state_dict_hooks():
         opt.load_state_dict(sd)
         assert calls == ["sd_pre", "sd_post", "load_pre", "load_post"]
         assert opt.param_groups[0]["lr"] == 0.002
-        for g in opt.param_groups:
-            g["fused"] = True if opt is ref else g["fused"]  # keep torch on its fused kernel
+    assert all(g["fused"] is True for g in ref.param_groups)  # torch reloaded its own groups: still fused
     run_steps(ours, ours_p, range(3, 8), mirror=(ref, ref_p))
     assert_same_params(ours_p, ref_p, "after hooked reload with lr=0.002")
 
@@ -461,6 +460,44 @@ def test_optimizer_in_backward_matches_a_normal_step():
             assert_bits_equal(st_ib[k], st_ref[k], f"state[{k!r}]")
     for h in handles:
         h.remove()
+
+
+# ---- tensor subclasses --------------------------------------------------------------------
+
+_WRAPPER_SUBCLASS_CODE = r"""
+import torch, roundpipe.optim as rpo
+try:
+    from torch.testing._internal.two_tensor import TwoTensor
+except ImportError:
+    print("SKIP: torch.testing._internal.two_tensor is not available"); raise SystemExit(0)
+# TwoTensor is a wrapper subclass (like torchao's Float8 and NF4 tensors): no memory of its own,
+# data_ptr() == 0. torch.optim.Adam(fused=True) steps it through __torch_dispatch__.
+gen = torch.Generator().manual_seed(0)
+a, ga = torch.randn(100, generator=gen), torch.randn(100, generator=gen)
+mk = lambda: torch.nn.Parameter(TwoTensor(a.clone(), a.clone()))
+p, q = mk(), mk()
+p.grad, q.grad = TwoTensor(ga.clone(), ga.clone()), TwoTensor(ga.clone(), ga.clone())
+torch.optim.Adam([q], lr=0.1, fused=True).step()
+try:
+    rpo.Adam([p], lr=0.1).step()
+except (TypeError, ValueError, RuntimeError) as e:
+    print("REFUSED:", e)
+else:
+    same = all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in ((p.a, q.a), (p.b, q.b)))
+    print("STEPPED:", "matches torch" if same else "differs from torch")
+"""
+
+
+def test_wrapper_tensor_subclass_is_stepped_or_refused_never_crashes():
+    """A param that is a wrapper tensor subclass must be stepped like torch does or refused with
+    an error naming it; it must never reach the kernel as a NULL pointer. Runs in a subprocess,
+    because the failure mode is a segfault."""
+    proc = run_python(_WRAPPER_SUBCLASS_CODE, timeout=120)
+    out = proc.stdout + proc.stderr
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, f"crashed with exit code {proc.returncode}:\n{out[-3000:]}"
+    assert ("REFUSED:" in out and "param group 0, param 0" in out) or "STEPPED: matches torch" in out, out
 
 
 # ---- scripts/offload_train.py ----------------------------------------------------------
