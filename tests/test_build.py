@@ -133,8 +133,10 @@ result = {"native": rpo.native_available(), "from_cache": _build.INFO.from_cache
 
 
 def test_eight_processes_on_an_empty_cache_build_once(tmp_path, cache, monkeypatch):
+    """Also shows that ROUNDPIPE_CACHE_DIR and CC are honoured."""
     log = tmp_path / "compiles.log"
-    monkeypatch.setenv("CC", make_cc(tmp_path, log=log))
+    cc = make_cc(tmp_path, log=log)
+    monkeypatch.setenv("CC", cc)
     ready, go = tmp_path / "ready", tmp_path / "go"
     ready.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", RACER + LAST_JSON, str(ready), str(go)],
@@ -162,6 +164,7 @@ def test_eight_processes_on_an_empty_cache_build_once(tmp_path, cache, monkeypat
     assert len(compiles) == 1, compiles  # the compiler ran once for all eight
     assert sum(not r["from_cache"] for r in results) == 1  # one built, seven waited and loaded it
     assert [e.name for e in entries(cache)] == [results[0]["key"]]
+    assert json.loads((cache / results[0]["key"] / "meta.json").read_text())["inputs"]["compiler"] == cc
     assert not list(cache.glob(".build-*"))
 
 
@@ -339,18 +342,6 @@ for host in ("a", "b", "a"):
 
 
 # ---- 4. configuration -------------------------------------------------------
-
-
-def test_cache_dir_and_cc_are_honoured(tmp_path, cache, monkeypatch):
-    log = tmp_path / "compiles.log"
-    cc = make_cc(tmp_path, log=log)
-    monkeypatch.setenv("CC", cc)
-    result = import_and_report()
-    assert result["native"] and not result["from_cache"] and result["warnings"] == []
-    assert Path(result["artefact"]).parent == cache / result["key"]
-    assert len(log.read_text().splitlines()) == 1
-    meta = json.loads((cache / result["key"] / "meta.json").read_text())
-    assert meta["inputs"]["compiler"] == cc
 
 
 def test_an_unwritable_cache_root_builds_privately_with_one_warning(tmp_path, monkeypatch):
