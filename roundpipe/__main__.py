@@ -252,7 +252,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m roundpipe", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="python -m roundpipe", description="Inspect, prebuild or empty roundpipe's kernel cache.",
+                     epilog="Environment: ROUNDPIPE_CACHE_DIR, CC, ROUNDPIPE_REQUIRE_NATIVE, ROUNDPIPE_NO_CACHE.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{info,build,clean}", parser_class=_Parser)
     p_info = sub.add_parser("info", help="show what this host uses (builds the kernel if needed)")
