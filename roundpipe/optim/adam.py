@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -38,15 +39,25 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
-try:  # FSDP2 and tensor parallel hand the optimizer DTensors; the kernel steps their local shards
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # torch built without distributed
-    _DTensor = None
+def _dtensor_type() -> type | None:
+    """torch's DTensor class, or None while torch.distributed.tensor is not imported.
+
+    FSDP2 and tensor parallel hand the optimizer DTensors, whose local shards the kernel steps.
+    No DTensor can exist before its module is imported, so look it up instead of importing it:
+    importing torch.distributed.tensor costs over a second.
+    """
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    dt = _dtensor_type()
+    return dt is not None and isinstance(t, dt)
 
 
 def _local(t: Tensor) -> Tensor:
     """The plain tensor behind t: its local shard for a DTensor (whose data_ptr() is 0), else t."""
-    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _local_ptr(t: Tensor) -> int:
@@ -399,7 +410,7 @@ class Adam(Optimizer):
             if not (type(step) is Tensor and step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu"):
                 state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
         plan.states = [self.state[p] for p in plan.params]
-        if _DTensor is not None and any(isinstance(p, _DTensor) for p in plan.params):
+        if any(map(_is_dtensor, plan.params)):
             plan.ptr_of = _local_ptr
         plan.param_ptrs = list(map(plan.ptr_of, plan.params))
         keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if plan.amsgrad else [])
@@ -532,9 +543,30 @@ def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
         raise RuntimeError(f"roundpipe Adam: {where} has its grad on {g.device}; move it to the CPU")
     if g.shape != p.shape:
         raise ValueError(f"roundpipe Adam: {where} has grad shape {tuple(g.shape)} but param shape {tuple(p.shape)}")
+    if _is_dtensor(p) or _is_dtensor(g):
+        if not (_is_dtensor(p) and _is_dtensor(g)):
+            raise TypeError(f"roundpipe Adam: {where}: the param and its grad must both be DTensors, or neither")
+        if p.device_mesh != g.device_mesh or tuple(p.placements) != tuple(g.placements):
+            raise ValueError(
+                f"roundpipe Adam: {where} has a grad placed {tuple(g.placements)} but the param "
+                f"{tuple(p.placements)}; redistribute the grad (a Partial grad is not reduced yet)"
+            )
     lp, lg = _local(p), _local(g)
     if lg.shape != lp.shape:
         raise ValueError(f"roundpipe Adam: {where} has a grad sharded differently from the param")
+    for what, t in (("param", lp), ("grad", lg)):
+        # A wrapper tensor subclass (torchao's Float8/NF4, TwoTensor) has no memory of its own:
+        # data_ptr() is 0 (or raises), and the kernel would write through NULL.
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:
+            ptr = 0
+        if t.numel() and ptr == 0:
+            raise TypeError(
+                f"roundpipe Adam: {where}: the {what} is a {type(t).__name__}, a tensor subclass with no "
+                "memory of its own; roundpipe steps plain CPU tensors and DTensor shards. "
+                "Use torch.optim.Adam(fused=True) for such params"
+            )
     if not lp.is_contiguous():
         raise ValueError(f"roundpipe Adam: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
     if not lg.is_contiguous():
