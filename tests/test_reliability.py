@@ -250,6 +250,23 @@ def test_bad_input_raises_naming_the_param_and_changes_nothing(fault, warm_steps
     assert_same_training(ours, ref)
 
 
+def test_closure_that_raises_changes_nothing():
+    m = Model(rpo.Adam)
+    m.run(2)
+    m.set_grads(2)
+    before = snapshot(m.opt)
+
+    def closure():
+        raise RuntimeError("loss exploded")
+    with pytest.raises(RuntimeError, match="loss exploded"):
+        m.opt.step(closure)
+    assert_unchanged(before, snapshot(m.opt))
+    m.opt.step()
+    ref = Model(torch.optim.Adam, fused=True)
+    ref.run(3)
+    assert_same_training(m, ref)
+
+
 def _params(*sizes):
     return [torch.randn(s).requires_grad_() for s in sizes]
 
@@ -292,20 +309,52 @@ def test_same_tensor_in_two_groups_at_construction():
         rpo.Adam([{"params": [a]}, {"params": [b, a]}])
 
 
-def test_reset_state_tensor_between_steps_is_used():
-    """Replacing a state tensor (a common way to reset moments) takes effect, as in torch."""
+@pytest.mark.parametrize("in_place", [False, True], ids=["new-grads", "grads-in-place"])
+def test_reset_state_tensor_between_steps_is_used(in_place):
+    """Replacing a state tensor (a common way to reset moments) takes effect, as in torch,
+    also when the grads are the same tensors each step (zero_grad(set_to_none=False))."""
     def run(cls, **kw):
         gen = torch.Generator().manual_seed(4)
         ps = [torch.randn(n, generator=gen).requires_grad_() for n in (50000, 10)]
         opt = cls(ps, lr=1e-2, **kw)
         for s in range(6):
             for p in ps:
-                p.grad = torch.randn(p.shape, generator=gen)
+                g = torch.randn(p.shape, generator=gen)
+                if in_place and p.grad is not None:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = g
             opt.step()
             if s == 2:
                 for p in ps:
                     opt.state[p]["exp_avg"] = torch.zeros_like(p)
                     opt.state[p]["step"] = torch.tensor(0.0)
+        return ps, opt
+    (pa, oa), (pb, ob) = run(rpo.Adam), run(torch.optim.Adam, fused=True)
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert_bits_equal(a, b, f"param {i}")
+        for k in ob.state[b]:
+            assert_bits_equal(oa.state[a][k], ob.state[b][k], f"state[{k!r}] of param {i}")
+
+
+@pytest.mark.parametrize("how", ["grad.data =", "grad.set_"])
+def test_grad_storage_swapped_under_the_same_grad_object_is_used(how):
+    """`p.grad.data = t` (older DDP/Horovod/apex code does this) or `p.grad.set_(t)` keeps the
+    grad object and changes its storage: the step must read the new values, as torch's does."""
+    def run(cls, **kw):
+        gen = torch.Generator().manual_seed(6)
+        ps = [torch.randn(n, generator=gen).requires_grad_() for n in (50000, 10)]
+        for p in ps:
+            p.grad = torch.zeros(p.shape)
+        opt = cls(ps, lr=1e-2, **kw)
+        for _ in range(4):
+            for p in ps:
+                g = torch.randn(p.shape, generator=gen)
+                if how == "grad.data =":
+                    p.grad.data = g
+                else:
+                    p.grad.set_(g)
+            opt.step()
         return ps, opt
     (pa, oa), (pb, ob) = run(rpo.Adam), run(torch.optim.Adam, fused=True)
     for i, (a, b) in enumerate(zip(pa, pb)):
