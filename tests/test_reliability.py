@@ -25,6 +25,23 @@ from roundpipe import _build
 
 needs_native = pytest.mark.skipif(not rpo.native_available(), reason="the compiled kernel did not load")
 
+# Known roundpipe bugs these tests found (see the helper's report); each marked test turns
+# into a failure (strict xfail) as soon as the bug is fixed, so the mark must then go.
+BUG_PLAN_CACHE = ("roundpipe bug: the cached plan skips the tensor checks and pointer refresh when a param "
+                  "or grad changes shape, strides or storage under the same object (_GroupPlan.changed_grads)")
+BUG_DUP_GROUPS = ("roundpipe bug: a tensor put into a second group after construction is not caught at step(): "
+                  "KeyError half-way through the step, or a silent double step")
+BUG_NAMES = ("roundpipe bug: hyperparameter and duplicate-param errors from __init__/add_param_group do not "
+             "name the param group (and param index)")
+BUG_MAXIMIZE_NAN = ("roundpipe bug: maximize multiplies the grad by -1 where torch's build negates it: a NaN "
+                    "grad keeps its sign in ours and flips in torch (adam.c adam_elements)")
+BUG_AMSGRAD_TAIL = ("roundpipe bug: torch's scalar tail takes std::max(max_exp_avg_sq, exp_avg_sq), keeping the "
+                    "old max when exp_avg_sq is NaN; adam.c applies the vector rule (all-ones NaN) there too")
+
+
+def known(reason):
+    return pytest.mark.xfail(strict=True, reason=reason)
+
 
 # ---- snapshots: every byte the optimizer could touch -----------------------------------
 
@@ -224,9 +241,22 @@ def _multi(*undos):
     return lambda: [u() for u in undos]  # data first, then the grad that must match it
 
 
-@pytest.mark.parametrize("warm_steps,in_place", [(0, False), (2, False), (2, True)],
-                         ids=["fresh", "with-state", "with-state-grads-in-place"])
-@pytest.mark.parametrize("fault", list(FAULTS))
+MODES = [(0, False, "fresh"), (2, False, "with-state"), (2, True, "with-state-grads-in-place")]
+KNOWN_BAD_INPUT = {
+    **{(f, "with-state-grads-in-place"): BUG_PLAN_CACHE for f in [
+        "non-contiguous param, same storage", "non-contiguous grad, transposed in place",
+        "grad shape != param shape, grad unsqueezed in place", "grad shape != param shape, grad restrided in place"]},
+    ("same tensor in two groups, 0 into 1", "fresh"): BUG_DUP_GROUPS,
+    **{("same tensor in two groups, 1 into 0", mode): BUG_DUP_GROUPS for _, _, mode in MODES},
+}
+BAD_INPUT_CASES = [
+    pytest.param(fault, warm, in_place, id=f"{fault}-{mode}",
+                 marks=[known(KNOWN_BAD_INPUT[fault, mode])] if (fault, mode) in KNOWN_BAD_INPUT else [])
+    for fault in FAULTS for warm, in_place, mode in MODES
+]
+
+
+@pytest.mark.parametrize("fault,warm_steps,in_place", BAD_INPUT_CASES)
 def test_bad_input_raises_naming_the_param_and_changes_nothing(fault, warm_steps, in_place):
     inject, pattern = FAULTS[fault]
     ours = Model(rpo.Adam, meta_param=True)
@@ -276,6 +306,7 @@ def _params(*sizes):
     dict(betas=(1.0, 0.999)), dict(betas=(0.9, 1.0)), dict(betas=(-0.5, 0.999)), dict(betas=(0.9, -0.1)),
     dict(lr=torch.tensor([1e-3, 1e-3])), dict(lr=torch.zeros(2, 2)),
 ], ids=str)
+@known(BUG_NAMES)
 def test_bad_hyperparameters_at_construction(kw):
     # torch refuses each of these too
     with pytest.raises((TypeError, ValueError, RuntimeError)):
@@ -287,6 +318,7 @@ def test_bad_hyperparameters_at_construction(kw):
         rpo.Adam([{"params": _params(3)}, {"params": _params(4), **kw}])
 
 
+@known(BUG_NAMES)
 def test_bad_add_param_group_names_the_group_and_changes_nothing():
     m = Model(rpo.Adam)
     m.run(2)
@@ -303,6 +335,7 @@ def test_bad_add_param_group_names_the_group_and_changes_nothing():
     assert_same_training(m, ref)
 
 
+@known(BUG_NAMES)
 def test_same_tensor_in_two_groups_at_construction():
     a, b = _params(3, 4)
     with pytest.raises(ValueError, match=r"param group 1, param 1\b"):
@@ -338,6 +371,7 @@ def test_reset_state_tensor_between_steps_is_used(in_place):
 
 
 @pytest.mark.parametrize("how", ["grad.data =", "grad.set_"])
+@known(BUG_PLAN_CACHE)
 def test_grad_storage_swapped_under_the_same_grad_object_is_used(how):
     """`p.grad.data = t` (older DDP/Horovod/apex code does this) or `p.grad.set_(t)` keeps the
     grad object and changes its storage: the step must read the new values, as torch's does."""
@@ -528,12 +562,24 @@ def _nan_compare(flags, strict):
                 assert_bits_equal(x.detach()[~nx], y.detach()[~ny], f"{name} of param {i} (non-NaN values)")
 
 
-@pytest.mark.parametrize("amsgrad,maximize,weight_decay,decoupled", NAN_FLAGS)
+def _nan_cases(strict):
+    cases = []
+    for amsgrad, maximize, wd, decoupled in NAN_FLAGS:
+        reasons = []
+        if amsgrad and wd and not decoupled:  # the run's coupled decay turns a tail exp_avg_sq NaN
+            reasons.append(BUG_AMSGRAD_TAIL)
+        if strict and maximize and not (wd and not decoupled):
+            reasons.append(BUG_MAXIMIZE_NAN)
+        cases.append(pytest.param(amsgrad, maximize, wd, decoupled, marks=[known("; ".join(reasons))] if reasons else []))
+    return cases
+
+
+@pytest.mark.parametrize("amsgrad,maximize,weight_decay,decoupled", _nan_cases(strict=False))
 def test_nan_inf_positions_and_values_match_torch_fused(amsgrad, maximize, weight_decay, decoupled):
     _nan_compare(dict(amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay, decoupled=decoupled), False)
 
 
-@pytest.mark.parametrize("amsgrad,maximize,weight_decay,decoupled", NAN_FLAGS)
+@pytest.mark.parametrize("amsgrad,maximize,weight_decay,decoupled", _nan_cases(strict=True))
 def test_nan_inf_bit_identical_to_torch_fused(amsgrad, maximize, weight_decay, decoupled):
     _nan_compare(dict(amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay, decoupled=decoupled), True)
 
@@ -550,6 +596,7 @@ def _one_step(cls, grads, **kw):
 # 19 elements: 16 in torch's vector loop, the last 3 in its scalar tail loop
 @pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled_weight_decay=True)],
                          ids=["no-decay", "coupled-decay", "decoupled-decay"])
+@known(BUG_MAXIMIZE_NAN)
 def test_maximize_nan_grad_sign_matches_torch(kw):
     """maximize with a NaN grad: torch's build negates (flips the NaN's sign) in some paths."""
     g = torch.ones(19)
@@ -561,6 +608,7 @@ def test_maximize_nan_grad_sign_matches_torch(kw):
     assert_bits_equal(pa, pb, "param")
 
 
+@known(BUG_AMSGRAD_TAIL)
 def test_amsgrad_max_with_nan_in_torch_tail_matches_torch():
     """max(max_exp_avg_sq, exp_avg_sq) when exp_avg_sq turns NaN, in the vector body and the tail."""
     g1 = torch.ones(19)
