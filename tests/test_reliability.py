@@ -31,6 +31,8 @@ BUG_PLAN_CACHE = ("roundpipe bug: the cached plan skips the tensor checks and po
                   "or grad changes shape, strides or storage under the same object (_GroupPlan.changed_grads)")
 BUG_DUP_GROUPS = ("roundpipe bug: a tensor put into a second group after construction is not caught at step(): "
                   "KeyError half-way through the step, or a silent double step")
+BUG_PARAM_SWAP = ("roundpipe bug: _GroupPlan.changed_grads does not check that group['params'] still holds "
+                  "the same tensors: a param replaced in place is never stepped, its predecessor gets its grad")
 BUG_NAMES = ("roundpipe bug: hyperparameter and duplicate-param errors from __init__/add_param_group do not "
              "name the param group (and param index)")
 BUG_MAXIMIZE_NAN = ("roundpipe bug: maximize multiplies the grad by -1 where torch's build negates it: a NaN "
@@ -391,6 +393,37 @@ def test_grad_storage_swapped_under_the_same_grad_object_is_used(how):
             opt.step()
         return ps, opt
     (pa, oa), (pb, ob) = run(rpo.Adam), run(torch.optim.Adam, fused=True)
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert_bits_equal(a, b, f"param {i}")
+        for k in ob.state[b]:
+            assert_bits_equal(oa.state[a][k], ob.state[b][k], f"state[{k!r}] of param {i}")
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new-grads", "grads-in-place"])
+@known(BUG_PARAM_SWAP)
+def test_param_replaced_in_its_group_is_the_one_stepped(in_place):
+    """Model surgery: a new weight takes an old one's place in param_groups between steps.
+    torch steps the new tensor (with fresh state) and leaves the old one alone."""
+    def run(cls, **kw):
+        gen = torch.Generator().manual_seed(8)
+        ps = [torch.randn(n, generator=gen).requires_grad_() for n in (40000, 100, 7)]
+        opt = cls(ps, lr=1e-2, **kw)
+        for s in range(4):
+            if s == 2:
+                new = torch.randn(100, generator=gen).requires_grad_()
+                opt.param_groups[0]["params"][1] = new
+                ps.append(new)
+            for p in opt.param_groups[0]["params"]:
+                g = torch.randn(p.shape, generator=gen)
+                if in_place and p.grad is not None:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = g
+            opt.step()
+        return ps, opt
+    (pa, oa), (pb, ob) = run(rpo.Adam), run(torch.optim.Adam, fused=True)
+    n_ours, n_ref = len(oa.state), len(ob.state)
+    assert n_ours == n_ref == 4, f"params with state: {n_ours}, torch: {n_ref} (4 expected)"
     for i, (a, b) in enumerate(zip(pa, pb)):
         assert_bits_equal(a, b, f"param {i}")
         for k in ob.state[b]:
