@@ -7,7 +7,7 @@
  *
  * Rules of this file:
  *  - Plain C loops over float arrays; the compiler vectorizes them under
- *    -O3 -march=native. Check with -fopt-info-vec (python -m roundpipe info).
+ *    -O3 -march=native. Check with python -m roundpipe info --vec (gcc -fopt-info-vec).
  *  - Built with -ffp-contract=off: the compiler must not decide where a
  *    multiply and an add fuse. Every fused multiply-add that torch's build
  *    performs (measured against torch 2.13's fused kernel: the lerp of
@@ -44,7 +44,9 @@ typedef struct {
     float beta2, sq_coeff;      /* exp_avg_sq = exp_avg_sq*beta2 + (sq_coeff*g)*g */
     float lerp_coeff;           /* exp_avg.lerp_(g, 1-beta1), see adam_elements */
     int lerp_from_exp_avg;
-    float neg_one;              /* maximize multiplies by -1, as torch's vector code */
+    float one_minus_w;          /* 1 - (1-beta1), rounded in float: torch's tail lerp */
+    float neg_one;              /* -1, at run time so that g * -1 stays a multiply */
+    int maximize_negates;       /* see adam_elements: how torch's build flips the grad */
     float weight_decay, decay_factor;
     int maximize, coupled_decay, decoupled_decay;
     float grad_scale;
@@ -70,14 +72,21 @@ static inline __attribute__((always_inline)) void adam_elements(
             gi = gi / c.grad_scale;
             g[i] = gi;
         }
-        if (c.maximize) gi = gi * c.neg_one; /* a multiply, not a negation: keeps NaN signs as torch */
+        /* maximize: torch writes g * -1. Its build turns that into a sign flip
+           in the plain Adam instance without weight decay, and folds it into
+           the following operations elsewhere; the two differ only in the sign
+           of a NaN, which we reproduce. */
+        if (c.maximize) gi = c.maximize_negates ? -gi : gi * c.neg_one;
         float pi = p[i];
         if (c.coupled_decay) gi = fmaf(pi, c.weight_decay, gi); /* Adam: decay joins the gradient */
         if (c.decoupled_decay) pi = pi * c.decay_factor;      /* AdamW: p *= 1 - lr*wd */
         /* exp_avg.lerp_(g, w) with w = 1-beta1, torch's two-sided lerp:
            w < 0.5: m + w*(g-m); else g + (w-1)*(g-m); one fused multiply-add. */
         float mi = m[i];
-        mi = fmaf(c.lerp_coeff, gi - mi, c.lerp_from_exp_avg ? mi : gi);
+        if (torch_tail && !c.lerp_from_exp_avg)
+            mi = fmaf(-(gi - mi), c.one_minus_w, gi); /* tail: g - (g-m)*(1-w), one FMA */
+        else
+            mi = fmaf(c.lerp_coeff, gi - mi, c.lerp_from_exp_avg ? mi : gi);
         /* exp_avg_sq*beta2 + (1-beta2)*g*g with one of the two products fused
            into the add: torch's vector loop fuses the second, its scalar tail
            loop (two statements there) the first. */
@@ -88,7 +97,10 @@ static inline __attribute__((always_inline)) void adam_elements(
         float den = vi;
         if (amsgrad) {
             float old = vmax[i];
-            float mx = (old != old || vi != vi) ? nan_all_ones : (old > vi ? old : vi);
+            /* vector loop: torch's maximum() (NaN in either gives all-ones bits);
+               tail loop: std::max(old, v), which keeps old when v is NaN */
+            float mx = torch_tail ? (old < vi ? vi : old)
+                                  : (old != old || vi != vi) ? nan_all_ones : (old > vi ? old : vi);
             vmax[i] = mx;
             den = mx;
         }
@@ -308,12 +320,14 @@ static void consts_for_group(const rp_hyper *h, rp_consts *k)
     k->beta2 = (float)h->beta2;
     k->sq_coeff = (float)(1.0 - h->beta2);
     k->eps = (float)h->eps;
+    k->one_minus_w = 1.0f - w;
     k->neg_one = -1.0f;
+    k->maximize_negates = !h->decoupled_weight_decay && h->weight_decay == 0.0;
     k->maximize = h->maximize != 0;
     k->coupled_decay = h->weight_decay != 0.0 && !h->decoupled_weight_decay;
     k->decoupled_decay = h->weight_decay != 0.0 && h->decoupled_weight_decay;
     k->weight_decay = (float)h->weight_decay;
-    k->decay_factor = (float)(1.0 - h->lr * h->weight_decay);
+    k->decay_factor = (float)fma(-h->lr, h->weight_decay, 1.0); /* torch's build fuses 1 - lr*wd */
     k->grad_scale = h->grad_scale ? *h->grad_scale : 1.0f;
 }
 

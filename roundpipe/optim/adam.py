@@ -107,14 +107,16 @@ class _GroupPlan:
         self.config = config  # (amsgrad, master_weights, exp_avg_dtype, exp_avg_sq_dtype)
         self.amsgrad: bool = config[0]
         self.all_grads: list[Tensor | None] = []  # p.grad of every param in the group
-        self.slots: list[int] = []  # group index -> position in params (-1: no grad)
+        self.group_params: list[Tensor] = []  # group["params"] when the plan was made
         self.params: list[Tensor] = []  # those with a grad, in group order
         self.grads: list[Tensor] = []
         self.states: list[dict[str, Any]] = []
         self.state_keys: tuple[str, ...] = ()
         self.state_tensors: list[list[Tensor]] = []  # per key in state_keys, per param
-        self.param_ptrs: list[int] = []
-        self.new_grads: list[tuple[int, Tensor]] = []  # (group index, grad) to point at on the next run
+        self.group_index: list[int] = []  # slot -> index in group["params"], for messages
+        self.param_sig: tuple = ()  # signature() of params and of grads when the arrays were filled
+        self.grad_sig: tuple = ([], [], [])
+        self.new_grads: list[tuple[int, Tensor]] = []  # (slot, grad) to point at on the next run
         self.tensors: Any = None  # rp_tensor[] (native path)
         self.chunks: Any = None  # rp_chunk[]
         self.n_chunks = 0
@@ -123,25 +125,45 @@ class _GroupPlan:
         self.built = False  # state created and C arrays filled (on the first run)
         self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
 
-    def changed_grads(self, all_grads: list[Tensor | None], state: dict) -> list[int] | None:
-        """Indices (in the group) whose grad is a new tensor, or None if the plan no longer fits."""
-        if not self.built or len(all_grads) != len(self.all_grads):
+    def signature(self, tensors: list[Tensor]) -> tuple[list[int], list[tuple[int, ...]], list[int]]:
+        """Where each tensor's memory is and how it is laid out: what the C arrays depend on."""
+        try:
+            return list(map(self.ptr_of, tensors)), list(map(Tensor.stride, tensors)), list(map(Tensor.numel, tensors))
+        except RuntimeError:  # a tensor without strides or storage (sparse, meta): never matches
+            return [-1] * len(tensors), [()] * len(tensors), [-1] * len(tensors)
+
+    def changed_grads(self, group_params: list[Tensor], all_grads: list[Tensor | None], state: dict) -> list[int] | None:
+        """Slots whose grad is new, or was moved or reshaped in place; None if the plan no longer fits.
+
+        Costs a few C-level passes over the group (about 1 us a tensor): the
+        pointers, strides and sizes of params and grads, and the identity of
+        every state dict and state tensor the arrays point into.
+        """
+        if not self.built or len(group_params) != len(self.group_params):
             return None
-        changed: list[int] = []
+        if not all(map(operator.is_, group_params, self.group_params)):
+            return None  # params were added to, removed from or replaced in the group
         if not all(map(operator.is_, all_grads, self.all_grads)):
-            for i, (g, g0) in enumerate(zip(all_grads, self.all_grads)):
-                if g is not g0:
-                    if g is None or g0 is None:
-                        return None  # another set of params has grads
-                    changed.append(i)
-        if list(map(self.ptr_of, self.params)) != self.param_ptrs:
-            return None  # a param's storage was swapped (p.data = ...)
+            for g, g0 in zip(all_grads, self.all_grads):
+                if (g is None) != (g0 is None):
+                    return None  # another set of params has grads
+        if self.signature(self.params) != self.param_sig:
+            return None  # a param's storage or shape changed (p.data = ..., resize_)
         if not all(map(operator.is_, map(state.get, self.params), self.states)):
             return None
         for key, tensors in zip(self.state_keys, self.state_tensors):
             if not all(map(operator.is_, map(operator.itemgetter(key), self.states), tensors)):
                 return None  # a state tensor was replaced
-        return changed
+        grads = [g for g in all_grads if g is not None]
+        ptrs, strides, numels = self.signature(grads)
+        if all(map(operator.is_, grads, self.grads)) and (ptrs, strides, numels) == self.grad_sig:
+            return []
+        old_ptrs, old_strides, old_numels = self.grad_sig
+        return [
+            slot for slot, (g, g0, a, a0, b, b0, c, c0) in enumerate(
+                zip(grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels))
+            if g is not g0 or a != a0 or b != b0 or c != c0
+        ]
 
 
 class Adam(Optimizer):
@@ -293,8 +315,14 @@ class Adam(Optimizer):
         return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group, with errors that name the new group and param."""
+        where = f" (param group {len(self.param_groups)})"
         merged = {**self.defaults, **param_group}
-        _check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        _check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"], where)
+        _check_precision_options(merged["master_weights"], merged["exp_avg_dtype"], merged["exp_avg_sq_dtype"], where)
+        params = param_group.get("params")
+        if isinstance(params, (list, tuple)):
+            _check_no_duplicates([*self.param_groups, {"params": params}])
         super().add_param_group(param_group)
         if hasattr(self, "_plans"):  # not yet during __init__
             self._plans.clear()
@@ -349,7 +377,10 @@ class Adam(Optimizer):
 
         # Check everything before touching anything: an error leaves params,
         # state and step counters exactly as they were.
+        cached = dict(self._plans)
         plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
+        if any(plan is not cached.get(gi) for gi, plan in enumerate(plans)):
+            _check_no_duplicates(self.param_groups)  # params may have been moved between groups
         if found_inf is not None and found_inf.item() != 0.0:
             return loss
         for plan in plans:
@@ -364,21 +395,24 @@ class Adam(Optimizer):
         config = (bool(group["amsgrad"]), bool(group["master_weights"]), group["exp_avg_dtype"], group["exp_avg_sq_dtype"])
         plan = self._plans.get(gi)
         if plan is not None and plan.group is group and plan.config == config:
-            changed = plan.changed_grads(all_grads, self.state)
+            changed = plan.changed_grads(group["params"], all_grads, self.state)
             if changed is not None:
-                params = group["params"]
-                for i in changed:
-                    _check_tensor(params[i], all_grads[i], f"param group {gi}, param {i}")
-                plan.new_grads = [(i, all_grads[i]) for i in changed]
+                new = []
+                for slot in changed:
+                    i = plan.group_index[slot]
+                    _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}")
+                    new.append((slot, all_grads[i]))
+                plan.new_grads = new
+                plan.all_grads = all_grads
                 return plan
         # Full check of every tensor and its state; state for new params and the
         # C arrays are made on the first run, after every group has passed.
         _check_precision_options(*config[1:], where=f" (param group {gi})")
         plan = _GroupPlan(group, config)
         plan.all_grads = all_grads
+        plan.group_params = list(group["params"])
         for i, (p, g) in enumerate(zip(group["params"], all_grads)):
             if g is None:
-                plan.slots.append(-1)
                 continue
             where = f"param group {gi}, param {i}"
             _check_tensor(p, g, where)
@@ -386,7 +420,7 @@ class Adam(Optimizer):
             st = self.state.get(p)
             if st:
                 _check_state(p, st, plan.amsgrad, layout, where)
-            plan.slots.append(len(plan.params))
+            plan.group_index.append(i)
             plan.params.append(p)
             plan.grads.append(g)
         self._plans[gi] = plan
@@ -412,7 +446,8 @@ class Adam(Optimizer):
         plan.states = [self.state[p] for p in plan.params]
         if any(map(_is_dtensor, plan.params)):
             plan.ptr_of = _local_ptr
-        plan.param_ptrs = list(map(plan.ptr_of, plan.params))
+        plan.param_sig = plan.signature(plan.params)
+        plan.grad_sig = plan.signature(plan.grads)
         keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if plan.amsgrad else [])
         if plan.config[1] and any(p.dtype in _LOW_PRECISION for p in plan.params):
             keys.append("master_param")
@@ -464,11 +499,11 @@ class Adam(Optimizer):
             plan.built = True
         ffi = self._kernel.ffi if self._kernel is not None else None
         if plan.new_grads:  # grads checked by _plan; point the arrays at them
-            for i, g in plan.new_grads:
-                slot = plan.slots[i]
-                plan.all_grads[i] = plan.grads[slot] = g
+            for slot, g in plan.new_grads:
+                plan.grads[slot] = g
                 if ffi is not None:
                     plan.tensors[slot].grad = ffi.cast("void *", plan.ptr_of(g))
+            plan.grad_sig = plan.signature(plan.grads)
             plan.new_grads = []
         if ffi is None:
             _torch_fused_step(plan, grad_scale, found_inf)
@@ -571,6 +606,18 @@ def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
         raise ValueError(f"roundpipe Adam: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
     if not lg.is_contiguous():
         raise ValueError(f"roundpipe Adam: {where} has a non-contiguous grad; make it contiguous before step()")
+
+
+def _check_no_duplicates(groups: list[dict[str, Any]]) -> None:
+    seen: dict[int, int] = {}
+    for gi, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) in seen:
+                raise ValueError(
+                    f"roundpipe Adam: param group {gi}, param {i} is also in param group {seen[id(p)]}; "
+                    "a tensor may appear in one param group only"
+                )
+            seen[id(p)] = gi
 
 
 def _check_precision_options(master_weights: Any, exp_avg_dtype: Any, exp_avg_sq_dtype: Any, where: str = "") -> None:
