@@ -671,6 +671,24 @@ def test_nan_hyperparameters_edge_values_match_torch():
             assert_bits_equal(a, b, str(kw))
 
 
+UNSAFE_MATH_FLAGS = ("-ffast-math", "-Ofast", "-ffinite-math-only", "-fno-signed-zeros", "-freciprocal-math",
+                     "-funsafe-math-optimizations", "-fassociative-math", "-fno-trapping-math", "-ffp-contract=fast")
+
+
+def test_kernel_is_compiled_without_finite_math_assumptions():
+    """NaN/Inf must propagate: no flag that lets the compiler assume finite or reassociable math,
+    and no implicit FMA contraction (every FMA is written as fmaf)."""
+    flags = list(_build.COMPILE_FLAGS)
+    bad = [f for f in flags if f in UNSAFE_MATH_FLAGS]
+    assert not bad, f"unsafe math flags in the kernel build: {bad}"
+    assert "-ffp-contract=off" in flags
+    info = _build.INFO
+    used = (getattr(info, "key_inputs", None) or {}).get("compile_flags")
+    if rpo.native_available() and used is not None:  # the flags the loaded kernel was built with
+        assert not [f for f in used if f in UNSAFE_MATH_FLAGS], used
+        assert "-ffp-contract=off" in used
+
+
 # ---- 4. fork safety -----------------------------------------------------------------------
 
 FORK_SCRIPT = r"""
