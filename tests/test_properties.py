@@ -23,19 +23,6 @@ import roundpipe.optim as rpo
 
 EXPLORE = bool(os.environ.get("ROUNDPIPE_PROPERTY_EXPLORE"))
 
-# Known roundpipe bugs these tests found (see the helper's report). Strict: a fixed bug turns
-# its marked tests into failures, so that the mark goes with the fix.
-BUG_AMSGRAD_TAIL = ("roundpipe bug: torch's scalar tail takes std::max(max_exp_avg_sq, exp_avg_sq), keeping the "
-                    "old max when exp_avg_sq is NaN; adam.c applies the vector rule (all-ones NaN) there too")
-BUG_LERP_TAIL = ("roundpipe bug: torch's scalar tail lerps as end - (end - self)*(1 - w) for w >= 0.5; adam.c "
-                 "uses g + (w - 1)*(g - m) there too: -0 where torch has +0 when beta1 = 0")
-BUG_DECAY_FMA = ("roundpipe bug: torch's build computes 1 - lr*wd in double with one FMA; adam.c "
-                 "(consts_for_group) rounds lr*wd first")
-
-
-def known(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
 
 def _settings(examples: int) -> settings:
     kw = {} if EXPLORE else {"derandomize": True, "database": None}
@@ -173,14 +160,12 @@ def _assert_same(run, nan_payloads=True):
                     assert_bits_equal(x[~nx], y[~ny], f"{where}{name} (values other than NaN)")
 
 
-@known(f"{BUG_AMSGRAD_TAIL}; {BUG_LERP_TAIL}; {BUG_DECAY_FMA}")
 @_settings(200)
 @given(runs())
 def test_random_runs_bit_identical_to_torch_fused(run):
     _assert_same(run)
 
 
-@known(f"{BUG_LERP_TAIL}; {BUG_AMSGRAD_TAIL}; {BUG_DECAY_FMA}")
 @_settings(100)
 @given(runs(max_groups=1, max_params=3, special_values=True))
 def test_random_runs_with_nan_inf_grads_match_torch_fused(run):
@@ -240,23 +225,20 @@ TAIL_AND_BODY = [(), (3,), (16,), (19,)]
 
 
 @pytest.mark.parametrize("shape", TAIL_AND_BODY, ids=str)
-@known(BUG_DECAY_FMA)
 def test_decoupled_decay_factor_rounds_like_torch(shape):
     """AdamW's p *= 1 - lr*wd: torch's build computes 1 - lr*wd in double with one fused
     multiply-add, so lr=10, wd=0.1 gives -5.55e-17, not 0 (a zero grad leaves only the decay)."""
     _compare((rpo.AdamW, torch.optim.AdamW), shape, [0.0], lr=10.0, weight_decay=0.1)
 
 
-@pytest.mark.parametrize("shape", [pytest.param(s, marks=[] if s == (16,) else [known(BUG_LERP_TAIL)])
-                                   for s in TAIL_AND_BODY], ids=str)
+@pytest.mark.parametrize("shape", TAIL_AND_BODY, ids=str)
 def test_beta1_zero_with_negative_zero_grad_like_torch(shape):
     """beta1 = 0: lerp weight 1; torch's scalar tail computes end - (end - self)*(1 - w),
     which gives +0 where a + (w-1)*(b-a) gives -0."""
     _compare((rpo.Adam, torch.optim.Adam), shape, [-0.0], betas=(0.0, 0.999), lr=1e-3)
 
 
-@pytest.mark.parametrize("shape", [pytest.param(s, marks=[] if s == (16,) else [known(BUG_AMSGRAD_TAIL)])
-                                   for s in TAIL_AND_BODY], ids=str)
+@pytest.mark.parametrize("shape", TAIL_AND_BODY, ids=str)
 def test_amsgrad_overflowing_second_moment_like_torch(shape):
     """beta2 = 0 and grads of 1e20: exp_avg_sq overflows to inf, then inf*0 makes it NaN.
     torch's tail keeps max_exp_avg_sq = inf (std::max), so the param stays finite there."""
