@@ -73,10 +73,9 @@ static inline __attribute__((always_inline)) void adam_elements(
             g[i] = gi;
         }
         /* maximize: torch writes g * -1. Its build turns that into a sign flip
-           in the plain Adam instance without weight decay, and folds it into
-           the following operations elsewhere; the two differ only in the sign
-           of a NaN, which we reproduce. */
-        if (c.maximize) gi = c.maximize_negates ? -gi : gi * c.neg_one;
+           except in the vector loop of Adam with coupled weight decay, where it
+           folds into the decay's FMA; the two differ only in a NaN's sign. */
+        if (c.maximize) gi = (torch_tail || c.maximize_negates) ? -gi : gi * c.neg_one;
         float pi = p[i];
         if (c.coupled_decay) gi = fmaf(pi, c.weight_decay, gi); /* Adam: decay joins the gradient */
         if (c.decoupled_decay) pi = pi * c.decay_factor;      /* AdamW: p *= 1 - lr*wd */
@@ -105,7 +104,9 @@ static inline __attribute__((always_inline)) void adam_elements(
             den = mx;
         }
         den = sqrtf(den) / c.bias_correction2_sqrt + c.eps;
-        p[i] = pi + (c.neg_step_size * mi) / den;
+        const float update = (c.neg_step_size * mi) / den;
+        /* both NaN: torch's tail returns the param's NaN (its first operand) */
+        p[i] = (torch_tail && pi != pi) ? pi : pi + update;
     }
 }
 
@@ -322,7 +323,7 @@ static void consts_for_group(const rp_hyper *h, rp_consts *k)
     k->eps = (float)h->eps;
     k->one_minus_w = 1.0f - w;
     k->neg_one = -1.0f;
-    k->maximize_negates = !h->decoupled_weight_decay && h->weight_decay == 0.0;
+    k->maximize_negates = !(h->weight_decay != 0.0 && !h->decoupled_weight_decay);
     k->maximize = h->maximize != 0;
     k->coupled_decay = h->weight_decay != 0.0 && !h->decoupled_weight_decay;
     k->decoupled_decay = h->weight_decay != 0.0 && h->decoupled_weight_decay;
