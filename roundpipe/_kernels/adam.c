@@ -45,7 +45,7 @@ typedef struct {
     float lerp_coeff;           /* exp_avg.lerp_(g, 1-beta1), see adam_elements */
     int lerp_from_exp_avg;
     float one_minus_w;          /* 1 - (1-beta1), rounded in float: torch's tail lerp */
-    float neg_one;              /* -1, at run time so that g * -1 stays a multiply */
+    float neg_one, one;         /* -1 and 1 at run time, so that g * -1 stays a multiply */
     int maximize_negates;       /* see adam_elements: how torch's build flips the grad */
     float weight_decay, decay_factor;
     int maximize, coupled_decay, decoupled_decay;
@@ -66,16 +66,21 @@ static inline __attribute__((always_inline)) void adam_elements(
     const rp_consts c = *k; /* locals: the compiler must see they don't alias */
     /* torch's vector maximum() returns all-ones bits when either side is NaN */
     const float nan_all_ones = float_from_bits(0xFFFFFFFFu);
+    /* maximize: torch writes g * -1. Its build turns that into a sign flip
+       except in the vector loop of Adam with coupled weight decay, where it
+       folds into the decay's FMA; the two differ only in a NaN's sign. Both
+       are done unconditionally (a multiply by +-1, a select) so that the loop
+       stays vectorized: a conditional multiply is not (GCC 12, COND_MUL). */
+    const int negate = c.maximize && (torch_tail || c.maximize_negates);
+    const float factor = c.maximize && !negate ? c.neg_one : c.one;
     for (int64_t i = 0; i < n; i++) {
         float gi = g[i];
         if (unscale) {                       /* GradScaler: unscale in place */
             gi = gi / c.grad_scale;
             g[i] = gi;
         }
-        /* maximize: torch writes g * -1. Its build turns that into a sign flip
-           except in the vector loop of Adam with coupled weight decay, where it
-           folds into the decay's FMA; the two differ only in a NaN's sign. */
-        if (c.maximize) gi = (torch_tail || c.maximize_negates) ? -gi : gi * c.neg_one;
+        gi = gi * factor; /* x * 1 is x, NaNs included */
+        if (negate) gi = -gi;
         float pi = p[i];
         if (c.coupled_decay) gi = fmaf(pi, c.weight_decay, gi); /* Adam: decay joins the gradient */
         if (c.decoupled_decay) pi = pi * c.decay_factor;      /* AdamW: p *= 1 - lr*wd */
@@ -323,6 +328,7 @@ static void consts_for_group(const rp_hyper *h, rp_consts *k)
     k->eps = (float)h->eps;
     k->one_minus_w = 1.0f - w;
     k->neg_one = -1.0f;
+    k->one = 1.0f;
     k->maximize_negates = !(h->weight_decay != 0.0 && !h->decoupled_weight_decay);
     k->maximize = h->maximize != 0;
     k->coupled_decay = h->weight_decay != 0.0 && !h->decoupled_weight_decay;

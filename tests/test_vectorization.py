@@ -1,0 +1,45 @@
+"""The kernel's element loops must stay vectorized: a scalar loop is ~4x slower and no test of
+results would notice. Compiles adam.c with the builder's own flags and reads GCC's report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sysconfig
+
+import pytest
+
+from roundpipe import _build
+
+
+def loop_lines(source: str, marker: str) -> list[int]:
+    """1-based line numbers of the `for` loops in the function whose definition contains marker."""
+    lines = source.splitlines()
+    start = next(i for i, line in enumerate(lines) if marker in line)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("}"))
+    return [i + 1 for i in range(start, end) if re.search(r"\bfor \(", lines[i])]
+
+
+def test_element_loops_are_vectorized(tmp_path):
+    cc = _build.find_compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    if "gcc" not in version.lower() and "Free Software Foundation" not in version:
+        pytest.skip(f"the vectorization report format checked here is GCC's; compiler is {version.splitlines()[0]}")
+    res = subprocess.run(
+        [cc, *_build.COMPILE_FLAGS, "-fopt-info-vec-optimized", "-I" + str(_build.KERNEL_DIR),
+         "-I" + sysconfig.get_paths()["include"], "-c", str(_build.KERNEL_SOURCE), "-o", str(tmp_path / "adam.o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    source = _build.KERNEL_SOURCE.read_text()
+    vectorized = {int(m) for m in re.findall(r"adam\.c:(\d+):\d+: optimized: loop vectorized", res.stderr)}
+    wanted = {
+        "adam_elements": loop_lines(source, "void adam_elements("),
+        "load_block (bf16)": loop_lines(source, "static void load_block(")[:1],
+        "store_block (bf16)": loop_lines(source, "static void store_block(")[:1],
+        "probe_span": loop_lines(source, "static void probe_span("),
+    }
+    for name, lines in wanted.items():
+        assert lines, f"no loop found in {name}"
+        missing = [n for n in lines if n not in vectorized]
+        assert not missing, f"{name}: loop at adam.c line(s) {missing} not vectorized\n{res.stderr[-3000:]}"
