@@ -8,6 +8,11 @@
     python scripts/bench.py --sweep-serial       # where one thread beats many (SERIAL_BELOW)
     python scripts/bench.py --chunk-sweep        # CHUNK_ELEMS choices
     python scripts/bench.py --profile            # where roundpipe's step() spends its Python time
+    python scripts/bench.py --new-grads          # new grad tensors every step, as zero_grad() leaves them
+    python scripts/bench.py --wait-idle 240 --max-foreign 0.15   # on a shared machine (see below)
+
+DeepSpeed's DeepSpeedCPUAdam joins when ``deepspeed`` imports and its CPU op
+builds (``pip install deepspeed``; the first construction JIT-compiles it).
 
 What is measured
 ----------------
@@ -33,6 +38,13 @@ the median of the rest is reported. Gradients are set once and reused, as after
 tensors that are different objects from the previous step's (as autograd does
 after ``zero_grad(set_to_none=True)``, the default), which makes roundpipe
 rebuild its per-group plan each step.
+
+Shared machines: each table says what share of the CPUs other processes used
+while it ran (/proc/stat less this process's own CPU time). ``--max-foreign F``
+times a round again when others used more than F of the CPUs during it (for up
+to ``--retry-budget`` seconds per workload; rounds kept after that are counted
+as DISTURBED), and ``--wait-idle S`` waits up to S seconds for a quiet machine
+before each workload.
 """
 
 from __future__ import annotations
@@ -1101,6 +1113,9 @@ def main(argv: list[str] | None = None) -> int:
     mixed_cfg = parse_mix(args.mixed_scale) if args.mixed_scale else mix_cfg
     thread_list = args.threads or [torch.get_num_threads()]
     wanted = set(args.workloads.split(",")) if args.workloads else set()
+    known = {"big", "mix", "small", "tiny", "in-backward", "per-tensor", "master-weights", "bf16", "grad-scaler"}
+    if wanted - known:
+        ap.error(f"--workloads: unknown {sorted(wanted - known)}; choose from {sorted(known)}")
 
     args.deepspeed_cls, ds_why = (None, "--no-deepspeed") if args.no_deepspeed else deepspeed_adam()
     if ds_why:
