@@ -116,6 +116,7 @@ class _GroupPlan:
         self.group_index: list[int] = []  # slot -> index in group["params"], for messages
         self.param_sig: tuple = ()  # signature() of params and of grads when the arrays were filled
         self.grad_sig: tuple = ([], [], [])
+        self.pending_grad_sig: tuple = ([], [], [])  # signature of the grads new_grads points at
         self.new_grads: list[tuple[int, Tensor]] = []  # (slot, grad) to point at on the next run
         self.tensors: Any = None  # rp_tensor[] (native path)
         self.chunks: Any = None  # rp_chunk[]
@@ -155,15 +156,27 @@ class _GroupPlan:
             if not all(map(operator.is_, map(operator.itemgetter(key), self.states), tensors)):
                 return None  # a state tensor was replaced
         grads = [g for g in all_grads if g is not None]
-        ptrs, strides, numels = self.signature(grads)
-        if all(map(operator.is_, grads, self.grads)) and (ptrs, strides, numels) == self.grad_sig:
+        sig = self.signature(grads)
+        if all(map(operator.is_, grads, self.grads)) and sig == self.grad_sig:
             return []
+        self.pending_grad_sig = sig
+        ptrs, strides, numels = sig
         old_ptrs, old_strides, old_numels = self.grad_sig
         return [
             slot for slot, (g, g0, a, a0, b, b0, c, c0) in enumerate(
                 zip(grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels))
             if g is not g0 or a != a0 or b != b0 or c != c0
         ]
+
+    def same_layout(self, slot: int, g: Tensor) -> bool:
+        """True if grad g needs no full check: a plain contiguous CPU tensor of the dtype, strides
+        and size of the grad it replaces (which passed _check_tensor, so g has the param's shape)."""
+        old_strides, old_numels = self.grad_sig[1][slot], self.grad_sig[2][slot]
+        _, strides, numels = self.pending_grad_sig
+        return (
+            type(g) is Tensor and g.dtype is self.params[slot].dtype and g.is_cpu and g.is_contiguous()
+            and strides[slot] == old_strides and numels[slot] == old_numels
+        )
 
 
 class Adam(Optimizer):
@@ -400,7 +413,8 @@ class Adam(Optimizer):
                 new = []
                 for slot in changed:
                     i = plan.group_index[slot]
-                    _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}")
+                    if not plan.same_layout(slot, all_grads[i]):
+                        _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}")
                     new.append((slot, all_grads[i]))
                 plan.new_grads = new
                 plan.all_grads = all_grads
@@ -503,7 +517,7 @@ class Adam(Optimizer):
                 plan.grads[slot] = g
                 if ffi is not None:
                     plan.tensors[slot].grad = ffi.cast("void *", plan.ptr_of(g))
-            plan.grad_sig = plan.signature(plan.grads)
+            plan.grad_sig = plan.pending_grad_sig  # computed by changed_grads for these grads
             plan.new_grads = []
         if ffi is None:
             _torch_fused_step(plan, grad_scale, found_inf)
