@@ -92,17 +92,6 @@ def fmt_elems(n: int) -> str:
     return str(n)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -1124,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
+        "cpu": _build.cpu_model(),
         "logical_cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -122,7 +122,6 @@ class _GroupPlan:
         self.chunks: Any = None  # rp_chunk[]
         self.n_chunks = 0
         self.hyper: Any = None  # rp_hyper *
-        self.keepalive: list[Tensor] = []
         self.built = False  # state created and C arrays filled (on the first run)
         self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
 
@@ -472,16 +471,15 @@ class Adam(Optimizer):
         ffi, lib = self._kernel.ffi, self._kernel.lib
         n = len(plan.params)
         tensors = ffi.new("rp_tensor[]", max(n, 1))
-        keep: list[Tensor] = []
         for i, (p, g, st) in enumerate(zip(plan.params, plan.grads, plan.states)):
             views = [p, g, st["exp_avg"], st["exp_avg_sq"]]
             if plan.amsgrad:
                 views.append(st["max_exp_avg_sq"])
             views = [_local(t) for t in views]
             views = [torch.view_as_real(t) if t.is_complex() else t for t in views]
-            # plan.params/grads/state_tensors hold the tensors behind every pointer;
-            # the grad is deliberately not kept here, so an old grad can be freed.
-            keep.extend(views[:1] + views[2:])
+            # plan.params, plan.grads and plan.state_tensors hold the tensors behind
+            # every pointer (real views share their storage); nothing else is kept,
+            # so a replaced grad can be freed.
             t = tensors[i]
             t.param = ffi.cast("void *", views[0].data_ptr())
             t.grad = ffi.cast("void *", views[1].data_ptr())
@@ -489,8 +487,6 @@ class Adam(Optimizer):
             t.exp_avg_sq = ffi.cast("void *", views[3].data_ptr())
             t.max_exp_avg_sq = ffi.cast("void *", views[4].data_ptr()) if plan.amsgrad else ffi.NULL
             master = st.get("master_param") if plan.config[1] and p.dtype in _LOW_PRECISION else None
-            if master is not None:
-                keep.append(master)
             t.master = ffi.cast("float *", _local_ptr(master)) if master is not None else ffi.NULL
             t.step = ffi.cast("float *", st["step"].data_ptr())
             t.numel = views[0].numel()
@@ -502,7 +498,6 @@ class Adam(Optimizer):
         lib.rp_plan_chunks(tensors, n, CHUNK_ELEMS, chunks, n_chunks)
         plan.tensors, plan.chunks, plan.n_chunks = tensors, chunks, n_chunks
         plan.hyper = ffi.new("rp_hyper *")
-        plan.keepalive = keep
 
     def _run(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         group = plan.group
