@@ -254,3 +254,88 @@ def test_mismatched_grad_dtype_raises_before_anything_changes():
     assert len(opt.state) == 0  # group 0's state was not created either
     with pytest.raises(TypeError, match="exp_avg_dtype"):
         rpo.Adam([a], exp_avg_dtype=torch.float16)
+
+
+# ---- the direct bf16 loops (no staging) ---------------------------------------------------------
+# bf16 params are stepped in place by their own vectorized loops (adam.c, adam_bf16_direct) for
+# the layouts below; torch's tail elements and every other layout go through fp32 staging blocks.
+# These tests cover what the tests above leave out: maximize, GradScaler's in-place unscale,
+# NaN/Inf (torch writes a bf16 NaN as 0xFFFF in its vector loop and 0x7FC0 in its tail), and
+# bf16 moments with a master copy or on fp32 params.
+
+
+def grads_with_specials(shape, gen, dtype, step):
+    g = torch.randn(shape, generator=gen)
+    if step in (4, 9) and g.numel() > 40:
+        # vector-loop positions, and the last element, which is in torch's tail loop
+        g.view(-1)[[3, 17, 37, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+    return g.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,amsgrad,maximize,decay,scaled", itertools.product(
+    LOW, [False, True], [False, True], ["none", "adam", "adamw"], [False, True]))
+def test_low_precision_flags_and_nans_match_torch_fused(dtype, amsgrad, maximize, decay, scaled):
+    """bf16 runs the direct loops, fp16 the staging blocks."""
+    init, gen = make(SIZES, dtype, seed=3)
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    kw = dict(lr=1e-2, amsgrad=amsgrad, maximize=maximize, weight_decay=0.0 if decay == "none" else 0.1,
+              decoupled_weight_decay=decay == "adamw")
+    oa, ob = rpo.Adam(a, **kw), torch.optim.Adam(b, fused=True, **kw)
+    for s in range(12):
+        for x, y in zip(a, b):
+            g = grads_with_specials(x.shape, gen, dtype, s)
+            if scaled:
+                g = g * 64  # exact in bf16: a power of two
+            x.grad, y.grad = g.clone(), g.clone()
+        if scaled:  # the attributes GradScaler sets; both optimizers read them in step()
+            for o in (oa, ob):
+                o.grad_scale, o.found_inf = torch.tensor(64.0), torch.tensor(0.0)
+        oa.step()
+        ob.step()
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert_bits_equal(x, y, f"param {i}")
+        if scaled:
+            assert_bits_equal(x.grad, y.grad, f"unscaled grad {i}")
+        for k in ob.state[y]:
+            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"state {k} of param {i}")
+
+
+@pytest.mark.parametrize("param_dtype,amsgrad,decay", itertools.product(
+    [torch.bfloat16, torch.float32], [False, True], ["none", "adam", "adamw"]))
+def test_bf16_moments_match_fp32_reference(param_dtype, amsgrad, decay):
+    """bf16 moments on bf16 params with master weights, and on fp32 params: each step computes
+    in fp32 from the stored bf16 moments and rounds them to nearest-even when it stores them.
+    Reference: torch's fused fp32 step on fp32 copies of the moments and of the master (or the
+    fp32 param), rounded back to bf16 with .to() after every step. (bf16 moments on bf16 params
+    without a master are torch's own bf16 layout, compared with torch fused above.)"""
+    low_dtype = torch.bfloat16
+    init, gen = make(SIZES, param_dtype, seed=5)
+    kw = dict(lr=1e-2, amsgrad=amsgrad, weight_decay=0.0 if decay == "none" else 0.1,
+              decoupled_weight_decay=decay == "adamw")
+    ours = [p.clone().requires_grad_() for p in init]
+    opt = rpo.Adam(ours, master_weights=True, exp_avg_dtype=low_dtype, exp_avg_sq_dtype=low_dtype, **kw)
+    ref_params = [p.float().requires_grad_() for p in init]  # the master, or the fp32 param
+    ref = torch.optim.Adam(ref_params, fused=True, **kw)
+    for s in range(12):
+        grads = [grads_with_specials(p.shape, gen, param_dtype, s) for p in init]
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+        for r, g in zip(ref_params, grads):
+            r.grad = g.float()
+        ref.step()
+        with torch.no_grad():
+            for r in ref_params:
+                for k, t in ref.state[r].items():
+                    if k != "step":
+                        t.copy_(t.to(low_dtype).float())  # what bf16 storage keeps of the moments
+    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+    for i, (p, r) in enumerate(zip(ours, ref_params)):
+        st = opt.state[p]
+        assert_bits_equal(p, r.to(param_dtype), f"param {i}")
+        if param_dtype != torch.float32:
+            assert_bits_equal(st["master_param"], r, f"master {i}")
+        for k in names:
+            assert st[k].dtype == low_dtype
+            assert_bits_equal(st[k], ref.state[r][k].to(low_dtype), f"state {k} of param {i}")

@@ -39,6 +39,14 @@ def test_element_loops_are_vectorized(tmp_path):
         "store_block (bf16)": loop_lines(source, "static void store_block(")[:1],
         "probe_span": loop_lines(source, "static void probe_span("),
     }
+    # adam_elements is inlined into one loop per variant (dtypes x amsgrad x unscale): every
+    # variant must be vectorized, not just one. GCC reports each vectorized copy on the loop's line.
+    loop = loop_lines(source, "void adam_elements(")[0]
+    variants = 4 * (1 + len(re.findall(r"\bBF16_VARIANTS\(", source)) - 1)  # fp32 body + bf16 uses - the #define
+    sizes = re.findall(rf"adam\.c:{loop}:\d+: optimized: loop vectorized using (\d+) byte", res.stderr)
+    # one message per copy for the main loop's vector size (and maybe more for its epilogue)
+    copies = max((sizes.count(s) for s in set(sizes)), default=0)
+    assert copies >= variants, f"{copies} vectorized copies of the adam_elements loop, want {variants}"
     for name, lines in wanted.items():
         assert lines, f"no loop found in {name}"
         missing = [n for n in lines if n not in vectorized]

@@ -54,14 +54,48 @@ typedef struct {
 
 static float float_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
-/* The fp32 Adam update over n elements. p, g, m, v, vmax point at fp32 arrays
-   (the tensors themselves, or staging blocks for other dtypes). amsgrad and
-   unscale are compile-time constants at each call site, so each of the four
-   variants is its own vectorized loop. */
+/* Element access for the direct loops below. dt is a compile-time constant
+   at every call site (always_inline), so each variant compiles to plain
+   loads and stores: bf16 <-> fp32 is a 16-bit shift one way and integer
+   round-to-nearest-even the other, which GCC vectorizes inline (fp16 is not
+   vectorized by GCC 12 without AVX512-FP16, so fp16 goes through staging). */
+static inline __attribute__((always_inline)) float load_elem(const void *base, int dt, int64_t i)
+{
+    if (dt == RP_BF16) return float_from_bits((uint32_t)((const uint16_t *)base)[i] << 16);
+    return ((const float *)base)[i];
+}
+
+/* fp32 -> bf16, rounded to nearest even. torch writes a NaN two ways: its
+   vector conversion (cvtfp32_bf16, also behind .to() and copy_()) as 0xFFFF,
+   the scalar c10::BFloat16 of its fused tail loop as 0x7FC0. */
+#define RP_BF16_NAN_VEC 0xFFFFu
+#define RP_BF16_NAN_SCALAR 0x7FC0u
+static inline __attribute__((always_inline)) uint16_t bf16_from_float(float x, uint32_t nan_bits)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(x != x ? nan_bits : r);
+}
+
+static inline __attribute__((always_inline)) void store_elem(void *base, int dt, int64_t i, float x)
+{
+    /* bf16 is stored by the direct loops only, which run torch's vector elements */
+    if (dt == RP_BF16) ((uint16_t *)base)[i] = bf16_from_float(x, RP_BF16_NAN_VEC);
+    else ((float *)base)[i] = x;
+}
+
+/* The Adam update over n elements, computed in fp32. p, g, m, v, vmax point
+   at arrays of dtype pdt (p and g), mdt (m) and vdt (v, vmax): the tensors
+   themselves, or fp32 staging blocks. With a master copy (master != NULL,
+   pdt bf16) the fp32 param is read from and written to master, and p gets the
+   result rounded to bf16. The dtypes and amsgrad, unscale and torch_tail are
+   compile-time constants at each call site, so every variant is its own
+   vectorized loop. */
 static inline __attribute__((always_inline)) void adam_elements(
-    int64_t n, float *restrict p, float *restrict g, float *restrict m,
-    float *restrict v, float *restrict vmax, const rp_consts *k,
-    const int amsgrad, const int unscale, const int torch_tail)
+    int64_t n, void *restrict p, float *restrict master, void *restrict g, void *restrict m,
+    void *restrict v, void *restrict vmax, const rp_consts *k, const int pdt, const int mdt,
+    const int vdt, const int amsgrad, const int unscale, const int torch_tail)
 {
     const rp_consts c = *k; /* locals: the compiler must see they don't alias */
     /* torch's vector maximum() returns all-ones bits when either side is NaN */
@@ -74,19 +108,19 @@ static inline __attribute__((always_inline)) void adam_elements(
     const int negate = c.maximize && (torch_tail || c.maximize_negates);
     const float factor = c.maximize && !negate ? c.neg_one : c.one;
     for (int64_t i = 0; i < n; i++) {
-        float gi = g[i];
+        float gi = load_elem(g, pdt, i);
         if (unscale) {                       /* GradScaler: unscale in place */
             gi = gi / c.grad_scale;
-            g[i] = gi;
+            store_elem(g, pdt, i, gi);
         }
         gi = gi * factor; /* x * 1 is x, NaNs included */
         if (negate) gi = -gi;
-        float pi = p[i];
+        float pi = master ? master[i] : load_elem(p, pdt, i);
         if (c.coupled_decay) gi = fmaf(pi, c.weight_decay, gi); /* Adam: decay joins the gradient */
         if (c.decoupled_decay) pi = pi * c.decay_factor;      /* AdamW: p *= 1 - lr*wd */
         /* exp_avg.lerp_(g, w) with w = 1-beta1, torch's two-sided lerp:
            w < 0.5: m + w*(g-m); else g + (w-1)*(g-m); one fused multiply-add. */
-        float mi = m[i];
+        float mi = load_elem(m, mdt, i);
         if (torch_tail && !c.lerp_from_exp_avg)
             mi = fmaf(-(gi - mi), c.one_minus_w, gi); /* tail: g - (g-m)*(1-w), one FMA */
         else
@@ -94,36 +128,41 @@ static inline __attribute__((always_inline)) void adam_elements(
         /* exp_avg_sq*beta2 + (1-beta2)*g*g with one of the two products fused
            into the add: torch's vector loop fuses the second, its scalar tail
            loop (two statements there) the first. */
-        float vi = torch_tail ? fmaf(v[i], c.beta2, (c.sq_coeff * gi) * gi)
-                              : fmaf(c.sq_coeff * gi, gi, v[i] * c.beta2);
-        m[i] = mi;
-        v[i] = vi;
+        const float v0 = load_elem(v, vdt, i);
+        float vi = torch_tail ? fmaf(v0, c.beta2, (c.sq_coeff * gi) * gi)
+                              : fmaf(c.sq_coeff * gi, gi, v0 * c.beta2);
+        store_elem(m, mdt, i, mi);
+        store_elem(v, vdt, i, vi);
         float den = vi;
         if (amsgrad) {
-            float old = vmax[i];
+            float old = load_elem(vmax, vdt, i);
             /* vector loop: torch's maximum() (NaN in either gives all-ones bits);
                tail loop: std::max(old, v), which keeps old when v is NaN */
             float mx = torch_tail ? (old < vi ? vi : old)
                                   : (old != old || vi != vi) ? nan_all_ones : (old > vi ? old : vi);
-            vmax[i] = mx;
+            store_elem(vmax, vdt, i, mx);
             den = mx;
         }
         den = sqrtf(den) / c.bias_correction2_sqrt + c.eps;
         const float update = (c.neg_step_size * mi) / den;
         /* both NaN: torch's tail returns the param's NaN (its first operand) */
-        p[i] = (torch_tail && pi != pi) ? pi : pi + update;
+        const float out = (torch_tail && pi != pi) ? pi : pi + update;
+        if (master) master[i] = out;
+        store_elem(p, pdt, i, out); /* with a master: the master rounded to bf16 */
     }
 }
+
+#define F32 RP_F32
 
 static void adam_fp32_body(int64_t n, float *p, float *g, float *m, float *v, float *vmax,
                            const rp_consts *k, int amsgrad, int unscale)
 {
     if (amsgrad) {
-        if (unscale) adam_elements(n, p, g, m, v, vmax, k, 1, 1, 0);
-        else adam_elements(n, p, g, m, v, vmax, k, 1, 0, 0);
+        if (unscale) adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 1, 1, 0);
+        else adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 1, 0, 0);
     } else {
-        if (unscale) adam_elements(n, p, g, m, v, vmax, k, 0, 1, 0);
-        else adam_elements(n, p, g, m, v, vmax, k, 0, 0, 0);
+        if (unscale) adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 0, 1, 0);
+        else adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 0, 0, 0);
     }
 }
 
@@ -136,11 +175,11 @@ __attribute__((noinline)) static void adam_fp32_tail(int64_t n, float *p, float 
     for (int64_t i = 0; i < n; i++) {
         float *x = amsgrad ? vmax + i : NULL;
         if (amsgrad) {
-            if (unscale) adam_elements(1, p + i, g + i, m + i, v + i, x, k, 1, 1, 1);
-            else adam_elements(1, p + i, g + i, m + i, v + i, x, k, 1, 0, 1);
+            if (unscale) adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 1, 1, 1);
+            else adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 1, 0, 1);
         } else {
-            if (unscale) adam_elements(1, p + i, g + i, m + i, v + i, x, k, 0, 1, 1);
-            else adam_elements(1, p + i, g + i, m + i, v + i, x, k, 0, 0, 1);
+            if (unscale) adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 0, 1, 1);
+            else adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 0, 0, 1);
         }
     }
 }
@@ -156,6 +195,39 @@ static void adam_fp32(int64_t first, int64_t n, int64_t tail_start, float *p, fl
     if (body < n)
         adam_fp32_tail(n - body, p + body, g + body, m + body, v + body,
                        amsgrad ? vmax + body : NULL, k, amsgrad, unscale);
+}
+
+/* bf16 params read and written in place, no staging: the common layouts of
+   torch's bf16 Adam (bf16 moments) and of master weights (fp32 master and
+   moments, or bf16 moments). Vector-loop elements only; the caller sends
+   torch's tail through the staging path. The staging path gives the same
+   bits, one block at a time: this one saves its extra passes through L1,
+   which made bf16 steps compute-bound on two cores. */
+#define BF16_VARIANTS(MASTER, MDT)                                                                   \
+    do {                                                                                            \
+        if (amsgrad) {                                                                              \
+            if (unscale) adam_elements(n, p, MASTER, g, m, v, vmax, k, RP_BF16, MDT, MDT, 1, 1, 0); \
+            else adam_elements(n, p, MASTER, g, m, v, vmax, k, RP_BF16, MDT, MDT, 1, 0, 0);         \
+        } else {                                                                                    \
+            if (unscale) adam_elements(n, p, MASTER, g, m, v, vmax, k, RP_BF16, MDT, MDT, 0, 1, 0); \
+            else adam_elements(n, p, MASTER, g, m, v, vmax, k, RP_BF16, MDT, MDT, 0, 0, 0);         \
+        }                                                                                           \
+    } while (0)
+
+/* 1 if adam_bf16_direct takes this combination of dtypes. */
+static int bf16_direct_ok(int pdt, int mdt, int vdt, int has_master)
+{
+    if (pdt != RP_BF16 || mdt != vdt) return 0;
+    return mdt == RP_BF16 || (mdt == RP_F32 && has_master);
+}
+
+static void adam_bf16_direct(int64_t n, void *p, float *master, void *g, void *m, void *v, void *vmax,
+                             int mdt, const rp_consts *k, int amsgrad, int unscale)
+{
+    /* A literal NULL, so that the variant without a master has no branch on it. */
+    if (!master) BF16_VARIANTS(NULL, RP_BF16);
+    else if (mdt == RP_BF16) BF16_VARIANTS(master, RP_BF16);
+    else BF16_VARIANTS(master, RP_F32);
 }
 
 /* ---- dtype conversion for the staging blocks ---------------------------- */
@@ -203,17 +275,12 @@ static void load_block(float *restrict dst, const void *src, int dtype, int64_t 
     }
 }
 
-static void store_block(void *dst, int dtype, const float *restrict src, int64_t n)
+/* nan_bits: what a bf16 NaN is written as (see bf16_from_float). */
+static void store_block(void *dst, int dtype, const float *restrict src, int64_t n, uint32_t nan_bits)
 {
     if (dtype == RP_BF16) {
-        /* Round to nearest even, NaN to 0x7FC0: c10::BFloat16's rule. */
         uint16_t *d = (uint16_t *)dst;
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t u;
-            memcpy(&u, &src[i], 4);
-            uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-            d[i] = (uint16_t)(src[i] != src[i] ? 0x7FC0u : r);
-        }
+        for (int64_t i = 0; i < n; i++) d[i] = bf16_from_float(src[i], nan_bits);
     } else { /* round to nearest even, as torch's c10::Half */
         uint16_t *d = (uint16_t *)dst;
         int64_t i = 0;
@@ -243,6 +310,18 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
                   amsgrad ? (float *)t->max_exp_avg_sq + b : NULL, k, amsgrad, unscale);
         return;
     }
+    if (bf16_direct_ok(pdt, mdt, vdt, t->master != NULL)) {
+        const int64_t body_end = e < tail_start ? e : tail_start;
+        if (b < body_end) {
+            adam_bf16_direct(body_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
+                             (uint16_t *)t->grad + b, (char *)t->exp_avg + b * (mdt == RP_F32 ? 4 : 2),
+                             (char *)t->exp_avg_sq + b * (vdt == RP_F32 ? 4 : 2),
+                             amsgrad ? (char *)t->max_exp_avg_sq + b * (vdt == RP_F32 ? 4 : 2) : NULL,
+                             mdt, k, amsgrad, unscale);
+            b = body_end;
+        }
+        if (b >= e) return;
+    }
     float pb[RP_BLOCK] __attribute__((aligned(64)));
     float gb[RP_BLOCK] __attribute__((aligned(64)));
     float mb[RP_BLOCK] __attribute__((aligned(64)));
@@ -265,11 +344,22 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
             if (vdt == RP_F32) x = (float *)ex; else { load_block(xb, ex, vdt, n); x = xb; }
         }
         adam_fp32(s, n, tail_start, p, g, m, v, x, k, amsgrad, unscale);
-        if (pdt != RP_F32) store_block(param, pdt, p, n); /* from the master copy, if any */
-        if (unscale && pdt != RP_F32) store_block(grad, pdt, g, n);
-        if (mdt != RP_F32) store_block(ea, mdt, m, n);
-        if (vdt != RP_F32) store_block(es, vdt, v, n);
-        if (amsgrad && vdt != RP_F32) store_block(ex, vdt, x, n);
+        /* bf16 NaNs: torch's scalar form in its tail loop of a bf16 step, its
+           vector form everywhere else (vector loop, or .to()/copy_() after an
+           fp32 step on the master). A block may straddle the tail. */
+        int64_t nb = tail_start - s;
+        nb = nb < 0 ? 0 : nb > n ? n : nb;
+        const uint32_t tail_nan = (pdt == RP_BF16 && !t->master) ? RP_BF16_NAN_SCALAR : RP_BF16_NAN_VEC;
+        for (int part = 0; part < 2; part++) {
+            const int64_t o = part ? nb : 0, len = part ? n - nb : nb;
+            const uint32_t nan_bits = part ? tail_nan : RP_BF16_NAN_VEC;
+            if (len == 0) continue;
+            if (pdt != RP_F32) store_block(param + o * psz, pdt, p + o, len, nan_bits); /* from the master, if any */
+            if (unscale && pdt != RP_F32) store_block(grad + o * psz, pdt, g + o, len, nan_bits);
+            if (mdt != RP_F32) store_block(ea + o * msz, mdt, m + o, len, nan_bits);
+            if (vdt != RP_F32) store_block(es + o * vsz, vdt, v + o, len, nan_bits);
+            if (amsgrad && vdt != RP_F32) store_block(ex + o * vsz, vdt, x + o, len, nan_bits);
+        }
     }
 }
 
@@ -345,6 +435,9 @@ static void run_chunk(const rp_hyper *h, const rp_tensor *tensors, const rp_chun
     rp_consts k = *group;
     k.neg_step_size = t->neg_step_size;
     k.bias_correction2_sqrt = t->bias_correction2_sqrt;
+    /* torch's half-precision vector loop flips the grad's sign for maximize even
+       where its fp32 loop folds the -1 into the decay FMA (seen as a NaN's sign) */
+    if (t->param_dtype != RP_F32 && !t->master) k.maximize_negates = 1;
     adam_span(t, c->begin, c->end, &k, h->amsgrad != 0, h->grad_scale != NULL, h->torch_vec);
 }
 
