@@ -159,6 +159,8 @@ def wait_idle(max_wait: float, threshold: float = 0.05) -> float | None:
 
 # ---- workloads -----------------------------------------------------------------
 
+WORKLOADS = "big,mix,small,tiny,in-backward,per-tensor,master-weights,bf16,fp16,grad-scaler"
+
 
 @dataclass
 class Workload:
@@ -450,14 +452,14 @@ def rp_mixed_support() -> tuple[bool, bool, str]:
     return True, True, ""
 
 
-def rp_bf16_support() -> str:
-    p = torch.nn.Parameter(torch.randn(64).bfloat16())
-    p.grad = torch.randn(64).bfloat16()
+def rp_bf16_support(dtype: torch.dtype = torch.bfloat16) -> str:
+    p = torch.nn.Parameter(torch.randn(64).to(dtype))
+    p.grad = torch.randn(64).to(dtype)
     try:
         roundpipe.optim.Adam([p], lr=LR).step()
         return ""
     except Exception as e:
-        return f"bf16 params unavailable ({type(e).__name__}: {e})"
+        return f"{dtype} params unavailable ({type(e).__name__}: {e})"
 
 
 class TorchMasterSeq:
@@ -522,13 +524,15 @@ def bench_master_weights(w: Workload, args: argparse.Namespace, threads: int) ->
     return res
 
 
-def bench_bf16_params(w: Workload, args: argparse.Namespace, threads: int) -> Result | None:
-    why = rp_bf16_support()
+def bench_low_precision_params(w: Workload, args: argparse.Namespace, threads: int,
+                               dtype: torch.dtype = torch.bfloat16) -> Result | None:
+    """bf16 or fp16 params, grads and moments (torch's layout), against torch's fused step on them."""
+    why = rp_bf16_support(dtype)
     if why:
         log(f"[{w.name}] skipped: {why}")
         return Result(w.name, threads, w.numel, len(w.shapes), {}, f"skipped: {why}")
     log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
-    params, _ = make_params(w.shapes, torch.bfloat16)
+    params, _ = make_params(w.shapes, dtype)
     entries = [
         Entry("roundpipe", roundpipe.optim.Adam(params, lr=LR).step, 14),
         Entry("torch-fused", torch.optim.Adam(params, lr=LR, fused=True).step, 14),
@@ -537,7 +541,7 @@ def bench_bf16_params(w: Workload, args: argparse.Namespace, threads: int) -> Re
     roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
     run_rounds(entries + [roof], args.warmup, args.reps)
     res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof,
-                    (w.note + " bf16 params, grads and moments: 14 B/el; x roof compares with the fp32 "
+                    (w.note + f" {str(dtype)[6:]} params, grads and moments: 14 B/el; x roof compares with the fp32 "
                      "28 B/el probe's bandwidth.").strip())
     del entries, roof, params
     free()
@@ -1060,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int_list, default=[], help="comma-separated thread counts (default: torch's)")
     ap.add_argument("--json", default="", help="write results as JSON to this path ('-' for stdout)")
     ap.add_argument("--quick", action="store_true", help="small sizes, few reps: a smoke run")
-    ap.add_argument("--workloads", default="big,mix,small,tiny,in-backward,per-tensor,master-weights,bf16,grad-scaler",
+    ap.add_argument("--workloads", default=WORKLOADS,
                     help="which workloads to run (comma-separated)")
     ap.add_argument("--big", type=int, default=64 << 20, help="elements of the one big tensor")
     ap.add_argument("--mix", default="", help="transformer mix config, e.g. layers=6,d=1024,vocab=32000,ctx=2048,mlp=4")
@@ -1106,7 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
     mixed_cfg = parse_mix(args.mixed_scale) if args.mixed_scale else mix_cfg
     thread_list = args.threads or [torch.get_num_threads()]
     wanted = set(args.workloads.split(",")) if args.workloads else set()
-    known = {"big", "mix", "small", "tiny", "in-backward", "per-tensor", "master-weights", "bf16", "grad-scaler"}
+    known = set(WORKLOADS.split(","))
     if wanted - known:
         ap.error(f"--workloads: unknown {sorted(wanted - known)}; choose from {sorted(known)}")
 
@@ -1168,8 +1172,11 @@ def main(argv: list[str] | None = None) -> int:
                 ("per-tensor", lambda: bench_per_tensor(args, th)),
                 ("master-weights", lambda: bench_master_weights(
                     Workload("mixed: bf16 params, master_weights=True", mixed.shapes, mixed.note), args, th)),
-                ("bf16", lambda: bench_bf16_params(
+                ("bf16", lambda: bench_low_precision_params(
                     Workload("mixed: bf16 params and state (no master)", mixed.shapes, mixed.note), args, th)),
+                ("fp16", lambda: bench_low_precision_params(
+                    Workload("mixed: fp16 params and state (no master)", mixed.shapes, mixed.note), args, th,
+                    torch.float16)),
                 ("grad-scaler", lambda: bench_grad_scaler(
                     Workload("GradScaler: unscale + step", mix.shapes, mix.note), args, th)),
             ]
