@@ -339,3 +339,39 @@ def test_bf16_moments_match_fp32_reference(param_dtype, amsgrad, decay):
         for k in names:
             assert st[k].dtype == low_dtype
             assert_bits_equal(st[k], ref.state[r][k].to(low_dtype), f"state {k} of param {i}")
+
+
+def test_fp16_conversions_match_torch_on_every_half_and_many_floats():
+    """The kernel's own fp16 conversions (adam.c, load_block / store_block: F16C, or _Float16
+    without it). A step that leaves values unchanged (lr=0, zero grads) must write back every one
+    of the 65536 fp16 bit patterns as torch's fused step does, and with master weights must round
+    fp32 masters to fp16 as torch's .to(float16) does: all exponents, subnormal and overflow
+    edges, ties, NaN payloads."""
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    halves = torch.cat([halves, halves[:5]])  # 5 more: elements in torch's scalar tail loop too
+    a, b = halves.clone().requires_grad_(), halves.clone().requires_grad_()
+    oa, ob = rpo.Adam([a], lr=0.0), torch.optim.Adam([b], lr=0.0, fused=True)
+    a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+    oa.step()
+    ob.step()
+    assert_bits_equal(a, b, "every fp16 bit pattern after a no-op step")
+
+    gen = torch.Generator().manual_seed(7)
+    edges = [0x387FF000, 0x38800000, 0x33000000, 0x33000001, 0x32FFFFFF, 0x477FEFFF, 0x477FF000,
+             0x47800000, 0x7F800000, 0x7F800001, 0x7FC12345, 0x00000001, 0x3F801000, 0x3F803000]
+    ints = torch.cat([torch.randint(-(2**31), 2**31, (1 << 20,), generator=gen, dtype=torch.int64),
+                      torch.tensor(edges), -torch.tensor(edges) - 1]).to(torch.int32)
+    # many values near fp16's range as well: random mantissas over its exponents
+    near = (torch.randint(0x33000000, 0x47800000, (1 << 18,), generator=gen, dtype=torch.int64)).to(torch.int32)
+    floats = torch.cat([ints, near, near | -(2**31)]).view(torch.float32)
+    p = torch.zeros(floats.numel(), dtype=torch.float16, requires_grad=True)
+    opt = rpo.Adam([p], lr=0.0, master_weights=True)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.state[p]["master_param"].copy_(floats)
+    opt.step()
+    master = opt.state[p]["master_param"]
+    keep = ~floats.isnan()  # x + (-0) is x, except that it quiets a signaling NaN
+    assert_bits_equal(master[keep], floats[keep], "master after a no-op step")
+    assert bool(master[~keep].isnan().all())
+    assert_bits_equal(p, master.to(torch.float16), "fp16 param rounded from its master")
