@@ -205,8 +205,8 @@ class _Masters:
                 p.copy_(m)
 
 
-def test_grad_scaler_with_master_weights_matches_reference():
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", LOW)
+def test_grad_scaler_with_master_weights_matches_reference(dtype):
     m1, o1, s1 = scaler_run(lambda m: rpo.Adam(m.parameters(), lr=1e-2, master_weights=True), None, dtype=dtype)
     holder = {}
 
