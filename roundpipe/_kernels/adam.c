@@ -474,6 +474,11 @@ int64_t rp_plan_chunks(const rp_tensor *tensors, int64_t n_tensors,
     return count;
 }
 
+void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) tensors[i].grad = (void *)ptrs[i];
+}
+
 /* ---- fork safety ---------------------------------------------------------- */
 
 /* GNU libgomp keeps its worker threads in a pool that fork() does not copy; a

@@ -61,6 +61,10 @@ typedef struct {
 int64_t rp_plan_chunks(const rp_tensor *tensors, int64_t n_tensors,
                        int64_t chunk_elems, rp_chunk *out, int64_t capacity);
 
+/* Point tensors[i].grad at ptrs[i] for i < n: new grad tensors, one call per
+   step instead of one per tensor from Python. */
+void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n);
+
 /* One Adam step over a whole param group. Returns 1 if the step ran, 0 if it
    was skipped because *found_inf is non-zero (nothing is touched then). */
 int rp_adam_step(const rp_hyper *hyper, rp_tensor *tensors, int64_t n_tensors,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 import sys
 import warnings
@@ -37,6 +38,8 @@ _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Choices for exp_avg_dtype / exp_avg_sq_dtype (None: torch's layout, see _layout).
 _MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
+_DTYPE_OF = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
 
 
 def _dtensor_type() -> type | None:
@@ -116,12 +119,15 @@ class _GroupPlan:
         self.group_index: list[int] = []  # slot -> index in group["params"], for messages
         self.param_sig: tuple = ()  # signature() of params and of grads when the arrays were filled
         self.grad_sig: tuple = ([], [], [])
-        self.pending_grad_sig: tuple = ([], [], [])  # signature of the grads new_grads points at
-        self.new_grads: list[tuple[int, Tensor]] = []  # (slot, grad) to point at on the next run
+        # Grads checked by _plan that the next run points the C arrays at, and their signature.
+        self.pending_grads: list[Tensor] | None = None
+        self.pending_grad_sig: tuple = ([], [], [])
+        self.param_dtypes: list[torch.dtype] = []  # of self.params, for the bulk grad check
         self.tensors: Any = None  # rp_tensor[] (native path)
         self.chunks: Any = None  # rp_chunk[]
         self.n_chunks = 0
         self.hyper: Any = None  # rp_hyper *
+        self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
         self.built = False  # state created and C arrays filled (on the first run)
         self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
 
@@ -132,12 +138,14 @@ class _GroupPlan:
         except RuntimeError:  # a tensor without strides or storage (sparse, meta): never matches
             return [-1] * len(tensors), [()] * len(tensors), [-1] * len(tensors)
 
-    def changed_grads(self, group_params: list[Tensor], all_grads: list[Tensor | None], state: dict) -> list[int] | None:
-        """Slots whose grad is new, or was moved or reshaped in place; None if the plan no longer fits.
+    def grads_changed(self, group_params: list[Tensor], all_grads: list[Tensor | None], state: dict) -> bool | None:
+        """Whether some grads are new, or were moved or reshaped in place; None if the plan no longer fits.
 
         Costs a few C-level passes over the group (about 1 us a tensor): the
         pointers, strides and sizes of params and grads, and the identity of
-        every state dict and state tensor the arrays point into.
+        every state dict and state tensor the arrays point into. When grads
+        changed, they and their signature wait in pending_grads and
+        pending_grad_sig for the checks in _plan.
         """
         if not self.built or len(group_params) != len(self.group_params):
             return None
@@ -157,19 +165,36 @@ class _GroupPlan:
         grads = [g for g in all_grads if g is not None]
         sig = self.signature(grads)
         if all(map(operator.is_, grads, self.grads)) and sig == self.grad_sig:
-            return []
-        self.pending_grad_sig = sig
-        ptrs, strides, numels = sig
+            return False
+        self.pending_grads, self.pending_grad_sig = grads, sig
+        return True
+
+    def layouts_match(self) -> bool:
+        """True if no pending grad needs a full check: all are plain contiguous CPU tensors of
+        their param's dtype, with the strides and sizes of the grads they replace (which passed
+        _check_tensor, so they have their param's shape). C-level passes, no Python per tensor:
+        the common case of zero_grad(set_to_none=True), where every grad is new each step."""
+        grads = self.pending_grads
+        _, strides, numels = self.pending_grad_sig
+        return (
+            strides == self.grad_sig[1] and numels == self.grad_sig[2]
+            and all(map(operator.is_, map(type, grads), itertools.repeat(Tensor)))
+            and all(map(operator.is_, map(_DTYPE_OF, grads), self.param_dtypes))
+            and all(map(_IS_CPU, grads)) and all(map(Tensor.is_contiguous, grads))
+        )
+
+    def changed_slots(self) -> list[int]:
+        """Slots whose pending grad is a new tensor or was moved or reshaped in place."""
+        ptrs, strides, numels = self.pending_grad_sig
         old_ptrs, old_strides, old_numels = self.grad_sig
         return [
             slot for slot, (g, g0, a, a0, b, b0, c, c0) in enumerate(
-                zip(grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels))
+                zip(self.pending_grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels))
             if g is not g0 or a != a0 or b != b0 or c != c0
         ]
 
     def same_layout(self, slot: int, g: Tensor) -> bool:
-        """True if grad g needs no full check: a plain contiguous CPU tensor of the dtype, strides
-        and size of the grad it replaces (which passed _check_tensor, so g has the param's shape)."""
+        """layouts_match for one slot."""
         old_strides, old_numels = self.grad_sig[1][slot], self.grad_sig[2][slot]
         _, strides, numels = self.pending_grad_sig
         return (
@@ -407,15 +432,15 @@ class Adam(Optimizer):
         config = (bool(group["amsgrad"]), bool(group["master_weights"]), group["exp_avg_dtype"], group["exp_avg_sq_dtype"])
         plan = self._plans.get(gi)
         if plan is not None and plan.group is group and plan.config == config:
-            changed = plan.changed_grads(group["params"], all_grads, self.state)
+            changed = plan.grads_changed(group["params"], all_grads, self.state)
             if changed is not None:
-                new = []
-                for slot in changed:
-                    i = plan.group_index[slot]
-                    if not plan.same_layout(slot, all_grads[i]):
-                        _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}")
-                    new.append((slot, all_grads[i]))
-                plan.new_grads = new
+                if changed and not plan.layouts_match():
+                    for slot in plan.changed_slots():
+                        i = plan.group_index[slot]
+                        if not plan.same_layout(slot, all_grads[i]):
+                            _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}")
+                elif not changed:
+                    plan.pending_grads = None
                 plan.all_grads = all_grads
                 return plan
         # Full check of every tensor and its state; state for new params and the
@@ -457,6 +482,7 @@ class Adam(Optimizer):
             if not (type(step) is Tensor and step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu"):
                 state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
         plan.states = [self.state[p] for p in plan.params]
+        plan.param_dtypes = [p.dtype for p in plan.params]
         if any(map(_is_dtensor, plan.params)):
             plan.ptr_of = _local_ptr
         plan.param_sig = plan.signature(plan.params)
@@ -498,6 +524,7 @@ class Adam(Optimizer):
         lib.rp_plan_chunks(tensors, n, CHUNK_ELEMS, chunks, n_chunks)
         plan.tensors, plan.chunks, plan.n_chunks = tensors, chunks, n_chunks
         plan.hyper = ffi.new("rp_hyper *")
+        plan.grad_ptrs = ffi.new("uintptr_t[]", max(n, 1))
 
     def _run(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         group = plan.group
@@ -507,13 +534,14 @@ class Adam(Optimizer):
                 self._build_native(plan)
             plan.built = True
         ffi = self._kernel.ffi if self._kernel is not None else None
-        if plan.new_grads:  # grads checked by _plan; point the arrays at them
-            for slot, g in plan.new_grads:
-                plan.grads[slot] = g
-                if ffi is not None:
-                    plan.tensors[slot].grad = ffi.cast("void *", plan.ptr_of(g))
-            plan.grad_sig = plan.pending_grad_sig  # computed by changed_grads for these grads
-            plan.new_grads = []
+        if plan.pending_grads is not None:  # grads checked by _plan; point the arrays at them
+            plan.grads = plan.pending_grads
+            plan.grad_sig = plan.pending_grad_sig  # computed by grads_changed for these grads
+            plan.pending_grads = None
+            if ffi is not None:
+                ptrs = plan.grad_sig[0]
+                plan.grad_ptrs[0:len(ptrs)] = ptrs
+                self._kernel.lib.rp_set_grads(plan.tensors, plan.grad_ptrs, len(ptrs))
         if ffi is None:
             _torch_fused_step(plan, grad_scale, found_inf)
             return
