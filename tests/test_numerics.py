@@ -111,6 +111,28 @@ def test_complex64_matches_real_view_in_torch():
     assert a.state[zc]["exp_avg"].dtype == torch.complex64  # state stays complex, as in torch
 
 
+@pytest.mark.parametrize("after_steps", [0, 2])
+def test_lazy_conjugate_grad_raises_and_changes_nothing(after_steps):
+    """z.conj() is a lazy view over the unconjugated values: the kernel reads memory, so a
+    conjugate (or negative) view must be refused, not stepped as if it were plain."""
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(37, dtype=torch.complex64, generator=gen).requires_grad_()
+    opt = rpo.Adam([z], lr=1e-2)
+    for _ in range(after_steps):  # fresh plain grads each step, then the lazy one
+        z.grad = torch.randn(37, dtype=torch.complex64, generator=gen)
+        opt.step()
+    before = (z.detach().clone(), {k: v.clone() for k, v in opt.state[z].items()})
+    z.grad = torch.randn(37, dtype=torch.complex64, generator=gen).conj()
+    with pytest.raises(ValueError, match=r"param group 0, param 0.*lazy conjugate"):
+        opt.step()
+    assert_bits_equal(z, before[0], "param")
+    assert opt.state[z].keys() == before[1].keys()
+    for k, v in before[1].items():
+        assert_bits_equal(opt.state[z][k], v, k)
+    z.grad = z.grad.resolve_conj()
+    opt.step()  # materialized, it is stepped
+
+
 def test_nan_and_inf_propagate_like_torch():
     gen = torch.Generator().manual_seed(5)
     def run(cls, **kw):

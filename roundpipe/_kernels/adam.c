@@ -103,11 +103,12 @@ static inline __attribute__((always_inline)) void adam_elements(
     /* torch's vector maximum() returns all-ones bits when either side is NaN */
     const float nan_all_ones = float_from_bits(0xFFFFFFFFu);
     /* maximize: torch writes g * -1. Its build turns that into a sign flip
-       except in the vector loop of Adam with coupled weight decay, where it
-       folds into the decay's FMA; the two differ only in a NaN's sign. Both
+       except in the fp32 vector loop of Adam with coupled weight decay and no
+       grad scale, where it folds into the decay's FMA; the two differ only in
+       a NaN's sign. Both
        are done unconditionally (a multiply by +-1, a select) so that the loop
        stays vectorized: a conditional multiply is not (GCC 12, COND_MUL). */
-    const int negate = c.maximize && (torch_tail || c.maximize_negates);
+    const int negate = c.maximize && (torch_tail || unscale || c.maximize_negates);
     const float factor = c.maximize && !negate ? c.neg_one : c.one;
     for (int64_t i = 0; i < n; i++) {
         float gi = load_elem(g, pdt, i);
@@ -364,6 +365,17 @@ static void store_block(void *dst, int dtype, const float *restrict src, int64_t
     }
 }
 
+/* 1 for the layouts torch's own fused kernel steps in half precision: a bf16
+   or fp16 param without a master, with moments of its dtype. Its rules (16
+   lanes, its tail's bf16 NaN, maximize as a sign flip) apply there; every
+   other 16-bit layout is a fp32 step on fp32 copies, with torch's fp32 rules,
+   as the torch fallback (_torch_fused_step) computes it. */
+static int torch_half_layout(const rp_tensor *t)
+{
+    return t->param_dtype != RP_F32 && !t->master && t->exp_avg_dtype == t->param_dtype &&
+           t->exp_avg_sq_dtype == t->param_dtype;
+}
+
 /* Elements [b, e) of one tensor. fp32 tensors are updated directly; any other
    dtype goes through fp32 staging blocks that stay in L1, so memory is still
    read and written once. A master copy, when present, is the fp32 param. */
@@ -373,7 +385,7 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
     const int pdt = t->param_dtype, mdt = t->exp_avg_dtype, vdt = t->exp_avg_sq_dtype;
     /* torch's half-precision kernels run twice as many lanes as its fp32 one;
        with a master copy the reference is torch's fp32 step on the master. */
-    const int64_t tv = (pdt != RP_F32 && !t->master) ? 2 * torch_vec : torch_vec;
+    const int64_t tv = torch_half_layout(t) ? 2 * torch_vec : torch_vec;
     const int64_t tail_start = tv > 1 ? t->numel - t->numel % tv : t->numel;
     if (pdt == RP_F32 && mdt == RP_F32 && vdt == RP_F32 && !t->master) {
         adam_fp32(b, e - b, tail_start, (float *)t->param + b, (float *)t->grad + b, (float *)t->exp_avg + b,
@@ -435,7 +447,7 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
            fp32 step on the master). A block may straddle the tail. */
         int64_t nb = tail_start - s;
         nb = nb < 0 ? 0 : nb > n ? n : nb;
-        const uint32_t tail_nan = (pdt == RP_BF16 && !t->master) ? RP_BF16_NAN_SCALAR : RP_BF16_NAN_VEC;
+        const uint32_t tail_nan = torch_half_layout(t) && pdt == RP_BF16 ? RP_BF16_NAN_SCALAR : RP_BF16_NAN_VEC;
         for (int part = 0; part < 2; part++) {
             const int64_t o = part ? nb : 0, len = part ? n - nb : nb;
             const uint32_t nan_bits = part ? tail_nan : RP_BF16_NAN_VEC;
@@ -528,7 +540,7 @@ static void run_chunk(const rp_hyper *h, const rp_tensor *tensors, const rp_chun
     k.bias_correction2_sqrt = t->bias_correction2_sqrt;
     /* torch's half-precision vector loop flips the grad's sign for maximize even
        where its fp32 loop folds the -1 into the decay FMA (seen as a NaN's sign) */
-    if (t->param_dtype != RP_F32 && !t->master) k.maximize_negates = 1;
+    if (torch_half_layout(t)) k.maximize_negates = 1;
     adam_span(t, c->begin, c->end, &k, h->amsgrad != 0, h->grad_scale != NULL, h->torch_vec);
 }
 

@@ -123,6 +123,7 @@ class _GroupPlan:
         self.pending_grads: list[Tensor] | None = None
         self.pending_grad_sig: tuple = ([], [], [])
         self.param_dtypes: list[torch.dtype] = []  # of self.params, for the bulk grad check
+        self.has_complex = False  # a complex param: its grads may be lazy conjugates
         self.tensors: Any = None  # rp_tensor[] (native path)
         self.chunks: Any = None  # rp_chunk[]
         self.n_chunks = 0
@@ -171,8 +172,8 @@ class _GroupPlan:
 
     def layouts_match(self) -> bool:
         """True if no pending grad needs a full check: all are plain contiguous CPU tensors of
-        their param's dtype, with the strides and sizes of the grads they replace (which passed
-        _check_tensor, so they have their param's shape). C-level passes, no Python per tensor:
+        their param's dtype, not lazy conjugate or negative views, with the strides and sizes of
+        the grads they replace (which passed _check_tensor, so they have their param's shape). C-level passes, no Python per tensor:
         the common case of zero_grad(set_to_none=True), where every grad is new each step."""
         grads = self.pending_grads
         _, strides, numels = self.pending_grad_sig
@@ -181,6 +182,8 @@ class _GroupPlan:
             and all(map(operator.is_, map(type, grads), itertools.repeat(Tensor)))
             and all(map(operator.is_, map(_DTYPE_OF, grads), self.param_dtypes))
             and all(map(_IS_CPU, grads)) and all(map(Tensor.is_contiguous, grads))
+            and not any(map(Tensor.is_neg, grads))
+            and not (self.has_complex and any(map(Tensor.is_conj, grads)))
         )
 
     def changed_slots(self) -> list[int]:
@@ -199,7 +202,7 @@ class _GroupPlan:
         _, strides, numels = self.pending_grad_sig
         return (
             type(g) is Tensor and g.dtype is self.params[slot].dtype and g.is_cpu and g.is_contiguous()
-            and strides[slot] == old_strides and numels[slot] == old_numels
+            and strides[slot] == old_strides and numels[slot] == old_numels and not g.is_neg() and not g.is_conj()
         )
 
 
@@ -483,6 +486,7 @@ class Adam(Optimizer):
                 state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
         plan.states = [self.state[p] for p in plan.params]
         plan.param_dtypes = [p.dtype for p in plan.params]
+        plan.has_complex = any(map(Tensor.is_complex, plan.params))
         if any(map(_is_dtensor, plan.params)):
             plan.ptr_of = _local_ptr
         plan.param_sig = plan.signature(plan.params)
@@ -626,6 +630,13 @@ def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
     lp, lg = _local(p), _local(g)
     if lg.shape != lp.shape:
         raise ValueError(f"roundpipe Adam: {where} has a grad sharded differently from the param")
+    for what, t in (("param", lp), ("grad", lg)):
+        # a lazy view whose memory holds the unconjugated or unnegated values: the kernel reads memory
+        if t.is_conj() or t.is_neg():
+            raise ValueError(
+                f"roundpipe Adam: {where}: the {what} is a lazy conjugate or negative view; "
+                "materialize it first with .resolve_conj().resolve_neg()"
+            )
     for what, t in (("param", lp), ("grad", lg)):
         # A wrapper tensor subclass (torchao's Float8/NF4, TwoTensor) has no memory of its own:
         # data_ptr() is 0 (or raises), and the kernel would write through NULL.
