@@ -520,3 +520,45 @@ def test_offload_train_script_runs_and_reports():
     # Both CPU optimizers ran the same loop on the same data; on the CPU forward/backward is
     # deterministic, so their final master params must agree bit for bit.
     assert "roundpipe-cpu vs torch-fused-cpu final master params: bit-identical" in out, out
+
+
+def test_step_skips_torch_wrapper_only_when_nothing_observes_it():
+    """step() runs torch's record_function-and-hooks wrapper only when a profiler or a hook is
+    active; global hooks, hook arguments, the profiler's event name and subclasses that override
+    step all behave as with torch's own optimizers."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10)
+    opt = rpo.AdamW([p])
+    seen = []
+    h1 = register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("pre", type(o).__name__, len(a), dict(k))))
+    h2 = register_optimizer_step_post_hook(lambda o, a, k: seen.append(("post",)))
+    try:
+        opt.step()
+        opt.step(lambda: 1.0)
+        opt.step(grad_scale=torch.tensor(1.0))
+    finally:
+        h1.remove()
+        h2.remove()
+    opt.step()  # no hook left: nothing recorded
+    assert seen == [("pre", "AdamW", 1, {}), ("post",), ("pre", "AdamW", 2, {}), ("post",),
+                    ("pre", "AdamW", 1, {"grad_scale": torch.tensor(1.0)}), ("post",)]
+    assert opt.state[p]["step"].item() == 4
+
+    with torch.profiler.profile() as prof:
+        opt.step()
+    assert "Optimizer.step#AdamW.step" in {e.name for e in prof.events()}
+
+    class Clipped(rpo.Adam):  # torch wraps a subclass's own step: its hooks must run once
+        def step(self, closure=None):
+            return super().step(closure)
+
+    q = torch.nn.Parameter(torch.randn(10))
+    q.grad = torch.randn(10)
+    sub = Clipped([q])
+    calls = []
+    sub.register_step_pre_hook(lambda *a: calls.append("pre"))
+    sub.register_step_post_hook(lambda *a: calls.append("post"))
+    sub.step()
+    assert calls == ["pre", "post"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .. import _build
@@ -387,7 +388,6 @@ class Adam(Optimizer):
 
     # ---- step ------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(
         self,
         closure: Callable[[], float] | None = None,
@@ -404,6 +404,23 @@ class Adam(Optimizer):
             found_inf: GradScaler's inf flag; when non-zero the whole step is
                 skipped (params, moments and step counters stay as they are).
         """
+        if type(self).step is Adam.step and _needs_torch_step_wrapper(self):
+            # A profiler or a step hook is active: torch's own wrapper runs them, as for any optimizer.
+            args = (self,) if closure is None else (self, closure)
+            kwargs = {k: v for k, v in (("grad_scale", grad_scale), ("found_inf", found_inf)) if v is not None}
+            return _torch_hooked_step(*args, **kwargs)
+        loss = self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
+        self._optimizer_step_code()  # what torch's wrapper calls after a step (a profiler entry point)
+        return loss
+
+    # torch's Optimizer wraps every subclass's step in profile_hook_step: a record_function and
+    # the step hooks, about 10 us a call even with no profiler and no hook (half of a small
+    # step). step above takes that path only when something would observe it.
+    step.hooked = True  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
+              found_inf: Tensor | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -565,6 +582,22 @@ class Adam(Optimizer):
         h.grad_scale = ffi.cast("float *", grad_scale.data_ptr()) if grad_scale is not None else ffi.NULL
         h.found_inf = ffi.cast("float *", found_inf.data_ptr()) if found_inf is not None else ffi.NULL
         self._kernel.lib.rp_adam_step(h, plan.tensors, len(plan.params), plan.chunks, plan.n_chunks)
+
+
+_torch_hooked_step = Optimizer.profile_hook_step(Adam._step)
+_GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+_GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
+_PROFILER_ENABLED = getattr(torch._C._autograd, "_profiler_enabled", None)
+
+
+def _needs_torch_step_wrapper(opt: Optimizer) -> bool:
+    """True when torch's step wrapper has work to do: a profiler records, or a hook is registered."""
+    if _GLOBAL_PRE_HOOKS is None or _GLOBAL_POST_HOOKS is None or _PROFILER_ENABLED is None:
+        return True  # a torch without these internals: always take its wrapper
+    return bool(
+        _PROFILER_ENABLED() or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
+        or getattr(opt, "_optimizer_step_pre_hooks", None) or getattr(opt, "_optimizer_step_post_hooks", None)
+    )
 
 
 class AdamW(Adam):
