@@ -42,11 +42,11 @@ def test_element_loops_are_vectorized(tmp_path):
     # adam_elements is inlined into one loop per variant (dtypes x amsgrad x unscale): every
     # variant must be vectorized, not just one. GCC reports each vectorized copy on the loop's line.
     loop = loop_lines(source, "void adam_elements(")[0]
-    variants = 4 * (1 + len(re.findall(r"\bBF16_VARIANTS\(", source)) - 1)  # fp32 body + bf16 uses - the #define
+    variants = len(re.findall(r"\badam_elements\(n, ", source))  # the fp32 and bf16 loops: one call each
     macros = subprocess.run([cc, *_build.COMPILE_FLAGS, "-dM", "-E", "-x", "c", "/dev/null"],
                             capture_output=True, text=True, timeout=60).stdout
     if "__F16C__" in macros:  # fp16 blocks: one variant per F16_BLOCKS / F16_MASTER_BLOCKS use
-        variants += len(re.findall(r"\bF16_(?:MASTER_)?BLOCKS\(\d", source))
+        variants += len(re.findall(r"\bF16_(?:MASTER_)?BLOCKS\(\d\)", source))
     sizes = re.findall(rf"adam\.c:{loop}:\d+: optimized: loop vectorized using (\d+) byte", res.stderr)
     # one message per copy for the main loop's vector size (and maybe more for its epilogue)
     copies = max((sizes.count(s) for s in set(sizes)), default=0)

@@ -205,32 +205,24 @@ static void adam_fp32(int64_t first, int64_t n, int64_t tail_start, float *p, fl
    moments, or bf16 moments). Vector-loop elements only; the caller sends
    torch's tail through the staging path. The staging path gives the same
    bits, one block at a time: this one saves its extra passes through L1,
-   which made bf16 steps compute-bound on two cores. */
-#define BF16_VARIANTS(MASTER, MDT)                                                                   \
-    do {                                                                                            \
-        if (amsgrad) {                                                                              \
-            if (unscale) adam_elements(n, p, MASTER, g, m, v, vmax, k, RP_BF16, MDT, MDT, 1, 1, 0); \
-            else adam_elements(n, p, MASTER, g, m, v, vmax, k, RP_BF16, MDT, MDT, 1, 0, 0);         \
-        } else {                                                                                    \
-            if (unscale) adam_elements(n, p, MASTER, g, m, v, vmax, k, RP_BF16, MDT, MDT, 0, 1, 0); \
-            else adam_elements(n, p, MASTER, g, m, v, vmax, k, RP_BF16, MDT, MDT, 0, 0, 0);         \
-        }                                                                                           \
-    } while (0)
-
-/* 1 if adam_bf16_direct takes this combination of dtypes. */
-static int bf16_direct_ok(int pdt, int mdt, int vdt, int has_master)
+   which made bf16 steps compute-bound on two cores.
+   Only the common variant (no amsgrad, no grad scale: bf16 needs no loss
+   scaling) is compiled here; the others take the staging path. Each variant
+   is a whole inlined loop, and all of them tripled the first build (1.0 s
+   to 2.4 s of compiling, against a 3 s budget for the cold import). */
+static int bf16_direct_ok(int pdt, int mdt, int vdt, int has_master, int amsgrad, int unscale)
 {
-    if (pdt != RP_BF16 || mdt != vdt) return 0;
+    if (pdt != RP_BF16 || mdt != vdt || amsgrad || unscale) return 0;
     return mdt == RP_BF16 || (mdt == RP_F32 && has_master);
 }
 
-static void adam_bf16_direct(int64_t n, void *p, float *master, void *g, void *m, void *v, void *vmax,
-                             int mdt, const rp_consts *k, int amsgrad, int unscale)
+static void adam_bf16_direct(int64_t n, void *p, float *master, void *g, void *m, void *v, int mdt,
+                             const rp_consts *k)
 {
     /* A literal NULL, so that the variant without a master has no branch on it. */
-    if (!master) BF16_VARIANTS(NULL, RP_BF16);
-    else if (mdt == RP_BF16) BF16_VARIANTS(master, RP_BF16);
-    else BF16_VARIANTS(master, RP_F32);
+    if (!master) adam_elements(n, p, NULL, g, m, v, NULL, k, RP_BF16, RP_BF16, RP_BF16, 0, 0, 0);
+    else if (mdt == RP_BF16) adam_elements(n, p, master, g, m, v, NULL, k, RP_BF16, RP_BF16, RP_BF16, 0, 0, 0);
+    else adam_elements(n, p, master, g, m, v, NULL, k, RP_BF16, RP_F32, RP_F32, 0, 0, 0);
 }
 
 #ifdef __F16C__
@@ -251,52 +243,44 @@ static void adam_bf16_direct(int64_t n, void *p, float *master, void *g, void *m
 #define F16_STORE(dst) _mm_storeu_si128((__m128i *)(dst + s), _mm256_cvtps_ph(_mm256_loadu_ps(dst##b), 0))
 #endif
 /* imm 0: round to nearest even, as torch's conversion */
-#define F16_BLOCKS(AMS, UNS)                                                       \
+#define F16_BLOCKS(UNS)                                                            \
     for (int64_t s = 0; s < n; s += F16_W) {                                       \
-        float pb[F16_W], gb[F16_W], mb[F16_W], vb[F16_W], xb[F16_W];               \
+        float pb[F16_W], gb[F16_W], mb[F16_W], vb[F16_W];                          \
         F16_LOAD(p);                                                               \
         F16_LOAD(g);                                                               \
         F16_LOAD(m);                                                               \
         F16_LOAD(v);                                                               \
-        if (AMS) F16_LOAD(x);                                                      \
-        adam_elements(F16_W, pb, NULL, gb, mb, vb, xb, k, F32, F32, F32, AMS, UNS, 0); \
+        adam_elements(F16_W, pb, NULL, gb, mb, vb, NULL, k, F32, F32, F32, 0, UNS, 0); \
         F16_STORE(p);                                                              \
         if (UNS) F16_STORE(g);                                                     \
         F16_STORE(m);                                                              \
         F16_STORE(v);                                                              \
-        if (AMS) F16_STORE(x);                                                     \
     }
 
 /* With master weights: master and fp32 moments in place, the fp16 grad in,
    the master rounded to fp16 out. */
-#define F16_MASTER_BLOCKS(AMS, UNS)                                                          \
+#define F16_MASTER_BLOCKS(UNS)                                                          \
     for (int64_t s = 0; s < n; s += F16_W) {                                                 \
         float gb[F16_W];                                                                     \
         F16_LOAD(g);                                                                         \
-        adam_elements(F16_W, master + s, NULL, gb, fm + s, fv + s, AMS ? fx + s : NULL, k,   \
-                      F32, F32, F32, AMS, UNS, 0);                                           \
+        adam_elements(F16_W, master + s, NULL, gb, fm + s, fv + s, NULL, k,                  \
+                      F32, F32, F32, 0, UNS, 0);                                             \
         const float *pb = master + s;                                                        \
         F16_STORE(p);                                                                        \
         if (UNS) F16_STORE(g);                                                               \
     }
 
+/* Without amsgrad (which takes the staging path, as for bf16); with and
+   without a grad scale, since fp16 training needs loss scaling. */
 static void adam_f16_direct(int64_t n, uint16_t *p, float *master, uint16_t *g, void *m_, void *v_,
-                            void *x_, const rp_consts *k, int amsgrad, int unscale)
+                            const rp_consts *k, int unscale)
 {
     if (!master) {
-        uint16_t *m = m_, *v = v_, *x = x_;
-        if (amsgrad) {
-            if (unscale) { F16_BLOCKS(1, 1) } else { F16_BLOCKS(1, 0) }
-        } else {
-            if (unscale) { F16_BLOCKS(0, 1) } else { F16_BLOCKS(0, 0) }
-        }
+        uint16_t *m = m_, *v = v_;
+        if (unscale) { F16_BLOCKS(1) } else { F16_BLOCKS(0) }
     } else {
-        float *fm = m_, *fv = v_, *fx = x_;
-        if (amsgrad) {
-            if (unscale) { F16_MASTER_BLOCKS(1, 1) } else { F16_MASTER_BLOCKS(1, 0) }
-        } else {
-            if (unscale) { F16_MASTER_BLOCKS(0, 1) } else { F16_MASTER_BLOCKS(0, 0) }
-        }
+        float *fm = m_, *fv = v_;
+        if (unscale) { F16_MASTER_BLOCKS(1) } else { F16_MASTER_BLOCKS(0) }
     }
 }
 #endif
@@ -393,28 +377,26 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
                   amsgrad ? (float *)t->max_exp_avg_sq + b : NULL, k, amsgrad, unscale);
         return;
     }
-    if (bf16_direct_ok(pdt, mdt, vdt, t->master != NULL)) {
+    if (bf16_direct_ok(pdt, mdt, vdt, t->master != NULL, amsgrad, unscale)) {
         const int64_t body_end = e < tail_start ? e : tail_start;
         if (b < body_end) {
             adam_bf16_direct(body_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
                              (uint16_t *)t->grad + b, (char *)t->exp_avg + b * (mdt == RP_F32 ? 4 : 2),
-                             (char *)t->exp_avg_sq + b * (vdt == RP_F32 ? 4 : 2),
-                             amsgrad ? (char *)t->max_exp_avg_sq + b * (vdt == RP_F32 ? 4 : 2) : NULL,
-                             mdt, k, amsgrad, unscale);
+                             (char *)t->exp_avg_sq + b * (vdt == RP_F32 ? 4 : 2), mdt, k);
             b = body_end;
         }
         if (b >= e) return;
     }
 #ifdef __F16C__
-    /* fp16 in torch's layout, or with a master and fp32 moments */
-    if (pdt == RP_F16 && mdt == vdt && mdt == (t->master ? RP_F32 : RP_F16)) {
+    /* fp16 in torch's layout, or with a master and fp32 moments; no amsgrad */
+    if (pdt == RP_F16 && mdt == vdt && mdt == (t->master ? RP_F32 : RP_F16) && !amsgrad) {
         int64_t body_end = e < tail_start ? e : tail_start;
         body_end = b + (body_end - b) / F16_W * F16_W; /* the rest goes through staging */
         if (b < body_end) {
             const size_t ms = mdt == RP_F32 ? 4 : 2;
             adam_f16_direct(body_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
                             (uint16_t *)t->grad + b, (char *)t->exp_avg + b * ms, (char *)t->exp_avg_sq + b * ms,
-                            amsgrad ? (char *)t->max_exp_avg_sq + b * ms : NULL, k, amsgrad, unscale);
+                            k, unscale);
             b = body_end;
         }
         if (b >= e) return;
