@@ -59,8 +59,9 @@ static float float_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f;
 /* Element access for the direct loops below. dt is a compile-time constant
    at every call site (always_inline), so each variant compiles to plain
    loads and stores: bf16 <-> fp32 is a 16-bit shift one way and integer
-   round-to-nearest-even the other, which GCC vectorizes inline (fp16 is not
-   vectorized by GCC 12 without AVX512-FP16, so fp16 goes through staging). */
+   round-to-nearest-even the other, which GCC vectorizes inline. (GCC 12 does
+   not vectorize fp16 conversions without AVX512-FP16: fp16 has its own loops,
+   adam_f16_direct, or goes through staging.) */
 static inline __attribute__((always_inline)) float load_elem(const void *base, int dt, int64_t i)
 {
     if (dt == RP_BF16) return float_from_bits((uint32_t)((const uint16_t *)base)[i] << 16);
@@ -285,7 +286,6 @@ static void adam_f16_direct(int64_t n, uint16_t *p, float *master, uint16_t *g, 
 }
 #endif
 
-
 /* ---- dtype conversion for the staging blocks ---------------------------- */
 
 /* One fp16 value: the F16C instruction when there is one (the same rounding
@@ -377,37 +377,33 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
                   amsgrad ? (float *)t->max_exp_avg_sq + b : NULL, k, amsgrad, unscale);
         return;
     }
-    if (bf16_direct_ok(pdt, mdt, vdt, t->master != NULL, amsgrad, unscale)) {
-        const int64_t body_end = e < tail_start ? e : tail_start;
-        if (b < body_end) {
-            adam_bf16_direct(body_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
-                             (uint16_t *)t->grad + b, (char *)t->exp_avg + b * (mdt == RP_F32 ? 4 : 2),
-                             (char *)t->exp_avg_sq + b * (vdt == RP_F32 ? 4 : 2), mdt, k);
-            b = body_end;
-        }
-        if (b >= e) return;
+    const size_t psz = pdt == RP_F32 ? 4 : 2, msz = mdt == RP_F32 ? 4 : 2, vsz = vdt == RP_F32 ? 4 : 2;
+    /* The direct loops take torch's vector elements; its tail, and what they
+       leave, goes through the staging blocks below. */
+    const int64_t vec_end = e < tail_start ? e : tail_start;
+    int64_t direct_end = b;
+    if (b < vec_end && bf16_direct_ok(pdt, mdt, vdt, t->master != NULL, amsgrad, unscale)) {
+        direct_end = vec_end;
+        adam_bf16_direct(direct_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
+                         (uint16_t *)t->grad + b, (char *)t->exp_avg + b * msz, (char *)t->exp_avg_sq + b * vsz,
+                         mdt, k);
     }
 #ifdef __F16C__
     /* fp16 in torch's layout, or with a master and fp32 moments; no amsgrad */
-    if (pdt == RP_F16 && mdt == vdt && mdt == (t->master ? RP_F32 : RP_F16) && !amsgrad) {
-        int64_t body_end = e < tail_start ? e : tail_start;
-        body_end = b + (body_end - b) / F16_W * F16_W; /* the rest goes through staging */
-        if (b < body_end) {
-            const size_t ms = mdt == RP_F32 ? 4 : 2;
-            adam_f16_direct(body_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
-                            (uint16_t *)t->grad + b, (char *)t->exp_avg + b * ms, (char *)t->exp_avg_sq + b * ms,
-                            k, unscale);
-            b = body_end;
-        }
-        if (b >= e) return;
+    else if (b < vec_end && pdt == RP_F16 && mdt == vdt && mdt == (t->master ? RP_F32 : RP_F16) && !amsgrad) {
+        direct_end = b + (vec_end - b) / F16_W * F16_W;
+        adam_f16_direct(direct_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
+                        (uint16_t *)t->grad + b, (char *)t->exp_avg + b * msz, (char *)t->exp_avg_sq + b * vsz,
+                        k, unscale);
     }
 #endif
+    b = direct_end;
+    if (b >= e) return;
     float pb[RP_BLOCK] __attribute__((aligned(64)));
     float gb[RP_BLOCK] __attribute__((aligned(64)));
     float mb[RP_BLOCK] __attribute__((aligned(64)));
     float vb[RP_BLOCK] __attribute__((aligned(64)));
     float xb[RP_BLOCK] __attribute__((aligned(64)));
-    const size_t psz = pdt == RP_F32 ? 4 : 2, msz = mdt == RP_F32 ? 4 : 2, vsz = vdt == RP_F32 ? 4 : 2;
     for (int64_t s = b; s < e; s += RP_BLOCK) {
         const int64_t n = e - s < RP_BLOCK ? e - s : RP_BLOCK;
         char *param = (char *)t->param + s * psz, *grad = (char *)t->grad + s * psz;

@@ -167,6 +167,7 @@ class _GroupPlan:
         grads = [g for g in all_grads if g is not None]
         sig = self.signature(grads)
         if all(map(operator.is_, grads, self.grads)) and sig == self.grad_sig:
+            self.pending_grads = None  # any left by a step that raised later were never applied
             return False
         self.pending_grads, self.pending_grad_sig = grads, sig
         return True
@@ -174,8 +175,9 @@ class _GroupPlan:
     def layouts_match(self) -> bool:
         """True if no pending grad needs a full check: all are plain contiguous CPU tensors of
         their param's dtype, not lazy conjugate or negative views, with the strides and sizes of
-        the grads they replace (which passed _check_tensor, so they have their param's shape). C-level passes, no Python per tensor:
-        the common case of zero_grad(set_to_none=True), where every grad is new each step."""
+        the grads they replace (which passed _check_tensor, so they have their param's shape).
+        C-level passes, no Python per tensor: the common case of zero_grad(set_to_none=True),
+        where every grad is new each step. When it fails, _check_tensor decides slot by slot."""
         grads = self.pending_grads
         _, strides, numels = self.pending_grad_sig
         return (
@@ -196,15 +198,6 @@ class _GroupPlan:
                 zip(self.pending_grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels))
             if g is not g0 or a != a0 or b != b0 or c != c0
         ]
-
-    def same_layout(self, slot: int, g: Tensor) -> bool:
-        """layouts_match for one slot."""
-        old_strides, old_numels = self.grad_sig[1][slot], self.grad_sig[2][slot]
-        _, strides, numels = self.pending_grad_sig
-        return (
-            type(g) is Tensor and g.dtype is self.params[slot].dtype and g.is_cpu and g.is_contiguous()
-            and strides[slot] == old_strides and numels[slot] == old_numels and not g.is_neg() and not g.is_conj()
-        )
 
 
 class Adam(Optimizer):
@@ -454,13 +447,10 @@ class Adam(Optimizer):
         if plan is not None and plan.group is group and plan.config == config:
             changed = plan.grads_changed(group["params"], all_grads, self.state)
             if changed is not None:
-                if changed and not plan.layouts_match():
+                if changed and not plan.layouts_match():  # the full check, where it is needed
                     for slot in plan.changed_slots():
                         i = plan.group_index[slot]
-                        if not plan.same_layout(slot, all_grads[i]):
-                            _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}")
-                elif not changed:
-                    plan.pending_grads = None
+                        _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}")
                 plan.all_grads = all_grads
                 return plan
         # Full check of every tensor and its state; state for new params and the
@@ -670,7 +660,6 @@ def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
                 f"roundpipe Adam: {where}: the {what} is a lazy conjugate or negative view; "
                 "materialize it first with .resolve_conj().resolve_neg()"
             )
-    for what, t in (("param", lp), ("grad", lg)):
         # A wrapper tensor subclass (torchao's Float8/NF4, TwoTensor) has no memory of its own:
         # data_ptr() is 0 (or raises), and the kernel would write through NULL.
         try:
