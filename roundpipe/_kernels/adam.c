@@ -475,7 +475,14 @@ void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n)
    child that enters a parallel region waits forever for them. torch has the
    same problem (its DataLoader workers set one thread for this reason). After
    fork we never enter an OpenMP region again: the child steps on one thread
-   and gets the same bits (results do not depend on the thread count). */
+   and gets the same bits (results do not depend on the thread count).
+   This holds for every child, even of a parent that never ran one of our
+   parallel regions: torch's own ops share this libgomp pool, and a child of
+   a parent whose torch ops ran threaded hangs in its first parallel region
+   (measured: torch 2.13, (x*3).sum() in the child never returns). Nothing
+   tells from outside libgomp whether its pool exists (thread counts don't:
+   importing torch starts a thread of its own), so one thread is the only
+   safe choice. */
 static volatile int forked_child = 0;
 static void mark_forked_child(void) { forked_child = 1; }
 __attribute__((constructor)) static void register_fork_handler(void)

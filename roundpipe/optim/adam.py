@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import operator
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,15 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Choices for exp_avg_dtype / exp_avg_sq_dtype (None: torch's layout, see _layout).
 _MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 _DTYPE_OF = operator.attrgetter("dtype")
+# Group options with their signature defaults, for groups loaded without them (__setstate__).
+_GROUP_DEFAULTS: dict[str, Any] = {
+    "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+    "fused": None, "decoupled_weight_decay": False, "master_weights": False, "exp_avg_dtype": None,
+    "exp_avg_sq_dtype": None,
+}
+_BOOL_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
 _IS_CPU = operator.attrgetter("is_cpu")
+_STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
 def _dtensor_type() -> type | None:
@@ -66,6 +75,18 @@ def _local(t: Tensor) -> Tensor:
 
 def _local_ptr(t: Tensor) -> int:
     return _local(t).data_ptr()
+
+
+def _state_column(states: list[dict[str, Any]], key: str) -> list[Tensor]:
+    """state[key] of every param, in C-level passes; masters only where there is one
+    (the fp32 params of a master_weights group have none)."""
+    if key == "master_param":
+        return [t for t in map(operator.methodcaller("get", key), states) if t is not None]
+    return list(map(operator.itemgetter(key), states))
+
+
+def _local_storage(t: Tensor) -> Any:
+    return _local(t).untyped_storage()
 
 
 def native_available() -> bool:
@@ -119,10 +140,15 @@ class _GroupPlan:
         self.state_tensors: list[list[Tensor]] = []  # per key in state_keys, per param
         self.group_index: list[int] = []  # slot -> index in group["params"], for messages
         self.param_sig: tuple = ()  # signature() of params and of grads when the arrays were filled
+        self.param_bytes: list[int] = []  # storage sizes of params, grads and state tensors when the
+        self.grad_bytes: list[int] = []  # arrays were filled: a storage shrunk in place at the same
+        self.state_bytes: list[list[int]] = []  # address (resize_(0), then resize_(m)) must not be written
+        self.state_ptrs: list[list[int]] = []  # data pointers of the state tensors, per key
         self.grad_sig: tuple = ([], [], [])
         # Grads checked by _plan that the next run points the C arrays at, and their signature.
         self.pending_grads: list[Tensor] | None = None
         self.pending_grad_sig: tuple = ([], [], [])
+        self.pending_grad_bytes: list[int] = []
         self.param_dtypes: list[torch.dtype] = []  # of self.params, for the bulk grad check
         self.has_complex = False  # a complex param: its grads may be lazy conjugates
         self.tensors: Any = None  # rp_tensor[] (native path)
@@ -132,6 +158,7 @@ class _GroupPlan:
         self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
         self.built = False  # state created and C arrays filled (on the first run)
         self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
+        self.storage_of: Callable[[Tensor], Any] = Tensor.untyped_storage  # of the local shard for DTensors
 
     def signature(self, tensors: list[Tensor]) -> tuple[list[int], list[tuple[int, ...]], list[int]]:
         """Where each tensor's memory is and how it is laid out: what the C arrays depend on."""
@@ -140,13 +167,23 @@ class _GroupPlan:
         except RuntimeError:  # a tensor without strides or storage (sparse, meta): never matches
             return [-1] * len(tensors), [()] * len(tensors), [-1] * len(tensors)
 
+    def storage_bytes(self, tensors: list[Tensor]) -> list[int]:
+        """The size in bytes of each tensor's storage (C-level passes; -1 where there is none)."""
+        try:
+            return list(map(_STORAGE_NBYTES, map(self.storage_of, tensors)))
+        except (RuntimeError, NotImplementedError):
+            return [-1] * len(tensors)
+
     def grads_changed(self, group_params: list[Tensor], all_grads: list[Tensor | None], state: dict) -> bool | None:
         """Whether some grads are new, or were moved or reshaped in place; None if the plan no longer fits.
 
-        Costs a few C-level passes over the group (about 1 us a tensor): the
-        pointers, strides and sizes of params and grads, and the identity of
-        every state dict and state tensor the arrays point into. When grads
-        changed, they and their signature wait in pending_grads and
+        The plan fits while every pointer in its C arrays is still valid: the
+        params (address, strides, size, dtype and storage size), the identity
+        of every state dict and state tensor, and each state tensor's address
+        and storage size (``t.data = ...``, ``t.set_(...)`` and
+        ``t.untyped_storage().resize_()`` keep the object and move its memory).
+        Costs a few C-level passes over the group (about 1.5 us a tensor). When
+        grads changed, they and their signature wait in pending_grads and
         pending_grad_sig for the checks in _plan.
         """
         if not self.built or len(group_params) != len(self.group_params):
@@ -157,19 +194,29 @@ class _GroupPlan:
             for g, g0 in zip(all_grads, self.all_grads):
                 if (g is None) != (g0 is None):
                     return None  # another set of params has grads
-        if self.signature(self.params) != self.param_sig:
+        params = self.params
+        if not all(map(operator.is_, map(_DTYPE_OF, params), self.param_dtypes)):
+            return None  # p.data = p.data.view(other dtype)
+        if self.signature(params) != self.param_sig or self.storage_bytes(params) != self.param_bytes:
             return None  # a param's storage or shape changed (p.data = ..., resize_)
-        if not all(map(operator.is_, map(state.get, self.params), self.states)):
+        if not all(map(operator.is_, map(state.get, params), self.states)):
             return None
-        for key, tensors in zip(self.state_keys, self.state_tensors):
-            if not all(map(operator.is_, map(operator.itemgetter(key), self.states), tensors)):
-                return None  # a state tensor was replaced
+        try:
+            for key, tensors, ptrs, nbytes in zip(self.state_keys, self.state_tensors, self.state_ptrs, self.state_bytes):
+                current = _state_column(self.states, key)
+                if not all(map(operator.is_, current, tensors)):
+                    return None  # a state tensor was replaced
+                if list(map(self.ptr_of, current)) != ptrs or self.storage_bytes(current) != nbytes:
+                    return None  # its memory moved under the same object
+        except (KeyError, RuntimeError):
+            return None  # opt.state[p].clear(), or a tensor without storage: the full check decides
         grads = [g for g in all_grads if g is not None]
         sig = self.signature(grads)
-        if all(map(operator.is_, grads, self.grads)) and sig == self.grad_sig:
+        nbytes = self.storage_bytes(grads)
+        if all(map(operator.is_, grads, self.grads)) and sig == self.grad_sig and nbytes == self.grad_bytes:
             self.pending_grads = None  # any left by a step that raised later were never applied
             return False
-        self.pending_grads, self.pending_grad_sig = grads, sig
+        self.pending_grads, self.pending_grad_sig, self.pending_grad_bytes = grads, sig, nbytes
         return True
 
     def layouts_match(self) -> bool:
@@ -179,9 +226,11 @@ class _GroupPlan:
         C-level passes, no Python per tensor: the common case of zero_grad(set_to_none=True),
         where every grad is new each step. When it fails, _check_tensor decides slot by slot."""
         grads = self.pending_grads
-        _, strides, numels = self.pending_grad_sig
+        ptrs, strides, numels = self.pending_grad_sig
         return (
             strides == self.grad_sig[1] and numels == self.grad_sig[2]
+            and all(ptrs)  # a freed storage (resize_(0)) has a NULL pointer: the full check names it
+            and self.pending_grad_bytes == self.grad_bytes
             and all(map(operator.is_, map(type, grads), itertools.repeat(Tensor)))
             and all(map(operator.is_, map(_DTYPE_OF, grads), self.param_dtypes))
             and all(map(_IS_CPU, grads)) and all(map(Tensor.is_contiguous, grads))
@@ -194,9 +243,10 @@ class _GroupPlan:
         ptrs, strides, numels = self.pending_grad_sig
         old_ptrs, old_strides, old_numels = self.grad_sig
         return [
-            slot for slot, (g, g0, a, a0, b, b0, c, c0) in enumerate(
-                zip(self.pending_grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels))
-            if g is not g0 or a != a0 or b != b0 or c != c0
+            slot for slot, (g, g0, a, a0, b, b0, c, c0, d, d0) in enumerate(zip(
+                self.pending_grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels,
+                self.pending_grad_bytes, self.grad_bytes, strict=True))
+            if g is not g0 or a != a0 or b != b0 or c != c0 or d != d0
         ]
 
 
@@ -280,6 +330,9 @@ class Adam(Optimizer):
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay)
         _check_precision_options(master_weights, exp_avg_dtype, exp_avg_sq_dtype)
+        _check_flags({"amsgrad": amsgrad, "maximize": maximize, "capturable": capturable,
+                      "differentiable": differentiable, "decoupled_weight_decay": decoupled_weight_decay,
+                      "foreach": foreach, "fused": fused})
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
         if capturable:
@@ -322,30 +375,28 @@ class Adam(Optimizer):
         self._step_supports_amp_scaling = True
         self._kernel = _build.load_kernel()
         self._plans: dict[int, _GroupPlan] = {}
+        self._step_lock = threading.RLock()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Options a loaded group lacks (a torch checkpoint has no master_weights) come from
+        # this optimizer's constructor arguments, else from the signature's defaults.
+        defaults = {**_GROUP_DEFAULTS, **getattr(self, "defaults", {})}
         for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("master_weights", False)
-            group.setdefault("exp_avg_dtype", None)
-            group.setdefault("exp_avg_sq_dtype", None)
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, defaults[key])
             for p in group["params"]:
                 p_state = self.state.get(p, [])
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
         self._kernel = _build.load_kernel()
         self._plans = {}
+        if not hasattr(self, "_step_lock"):  # unpickling; load_state_dict keeps the lock it holds
+            self._step_lock = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state = {k: v for k, v in state.items() if k not in ("_kernel", "_plans")}
+        state = {k: v for k, v in state.items() if k not in ("_kernel", "_plans", "_step_lock")}
         return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -354,6 +405,7 @@ class Adam(Optimizer):
         merged = {**self.defaults, **param_group}
         _check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"], where)
         _check_precision_options(merged["master_weights"], merged["exp_avg_dtype"], merged["exp_avg_sq_dtype"], where)
+        _check_flags({k: merged[k] for k in (*_BOOL_OPTIONS, "foreach", "fused")}, where)
         params = param_group.get("params")
         if isinstance(params, (list, tuple)):
             _check_no_duplicates([*self.param_groups, {"params": params}])
@@ -362,22 +414,31 @@ class Adam(Optimizer):
             self._plans.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, except that state tensors keep their saved dtype.
+        """torch's load_state_dict, with state dtypes set by each param's layout.
 
-        torch casts every floating state tensor to its param's dtype, which
-        would round fp32 master copies and moments of bf16 params to bf16.
+        torch casts every floating state tensor to its param's dtype. That is
+        right for moments in torch's layout (an fp32 checkpoint resumed on bf16
+        params, or the reverse), but it would round fp32 master copies and
+        moments kept in fp32 on purpose (``master_weights``, ``exp_avg_dtype``)
+        to bf16: those are cast from the saved values to the dtype the group's
+        layout asks for, so nothing is rounded twice.
         """
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(pid)
-            if not saved or p not in self.state:
-                continue
-            for key, value in saved.items():
-                if key != "step" and isinstance(value, Tensor) and self.state[p][key].dtype != value.dtype:
-                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
-        self._plans.clear()
+        with self._step_lock:
+            super().load_state_dict(state_dict)
+            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            for pid, (group, p) in zip(saved_ids, ((g, p) for g in self.param_groups for p in g["params"])):
+                saved = state_dict["state"].get(pid)
+                st = self.state.get(p)
+                if not saved or not st or p.dtype not in _PARAM_DTYPES:
+                    continue
+                master, m_dtype, v_dtype = _layout_dtypes(group, p)
+                wanted = {"exp_avg": m_dtype, "exp_avg_sq": v_dtype, "max_exp_avg_sq": v_dtype,
+                          "master_param": torch.float32}
+                for key, dtype in wanted.items():
+                    value = saved.get(key)
+                    if isinstance(value, Tensor) and value.is_floating_point() and st[key].dtype != dtype:
+                        st[key] = value.to(device=p.device, dtype=dtype, copy=True)
+            self._plans.clear()
 
     # ---- step ------------------------------------------------------------------
 
@@ -414,6 +475,14 @@ class Adam(Optimizer):
     @torch.no_grad()
     def _step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> float | None:
+        # One step at a time per optimizer: a step() entered from another thread waits here
+        # until the running one has returned, so no plan, grad or state tensor that the C
+        # call reads is replaced or freed under it.
+        with self._step_lock:
+            return self._locked_step(closure, grad_scale, found_inf)
+
+    def _locked_step(self, closure: Callable[[], float] | None, grad_scale: Tensor | None,
+                     found_inf: Tensor | None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -431,6 +500,13 @@ class Adam(Optimizer):
         plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
         if any(plan is not cached.get(gi) for gi, plan in enumerate(plans)):
             _check_no_duplicates(self.param_groups)  # params may have been moved between groups
+            _check_no_overlap(plans, self.state)
+        # State for params stepped for the first time, and the C arrays, for every group
+        # before any group steps. A step that GradScaler skips creates the state too
+        # (step 0, zero moments), as torch's does.
+        for plan in plans:
+            if plan.params and not plan.built:
+                self._build(plan)
         if found_inf is not None and found_inf.item() != 0.0:
             return loss
         for plan in plans:
@@ -440,7 +516,9 @@ class Adam(Optimizer):
 
     def _plan(self, gi: int, group: dict[str, Any]) -> _GroupPlan:
         """Validate group `gi` and return its kernel plan. Mutates nothing but the plan cache."""
-        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], f" (param group {gi})")
+        where = f" (param group {gi})"
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+        _check_flags({k: group[k] for k in _BOOL_OPTIONS}, where)
         all_grads = [p.grad for p in group["params"]]
         config = (bool(group["amsgrad"]), bool(group["master_weights"]), group["exp_avg_dtype"], group["exp_avg_sq_dtype"])
         plan = self._plans.get(gi)
@@ -496,13 +574,19 @@ class Adam(Optimizer):
         plan.has_complex = any(map(Tensor.is_complex, plan.params))
         if any(map(_is_dtensor, plan.params)):
             plan.ptr_of = _local_ptr
+        if any(map(_is_dtensor, plan.params)):
+            plan.storage_of = _local_storage
         plan.param_sig = plan.signature(plan.params)
         plan.grad_sig = plan.signature(plan.grads)
+        plan.param_bytes = plan.storage_bytes(plan.params)
+        plan.grad_bytes = plan.storage_bytes(plan.grads)
         keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if plan.amsgrad else [])
         if plan.config[1] and any(p.dtype in _LOW_PRECISION for p in plan.params):
             keys.append("master_param")
         plan.state_keys = tuple(keys)
-        plan.state_tensors = [[st.get(k) for st in plan.states] for k in keys]
+        plan.state_tensors = [_state_column(plan.states, k) for k in keys]
+        plan.state_ptrs = [list(map(plan.ptr_of, ts)) for ts in plan.state_tensors]
+        plan.state_bytes = [plan.storage_bytes(ts) for ts in plan.state_tensors]
 
     def _build_native(self, plan: _GroupPlan) -> None:
         ffi, lib = self._kernel.ffi, self._kernel.lib
@@ -537,17 +621,23 @@ class Adam(Optimizer):
         plan.hyper = ffi.new("rp_hyper *")
         plan.grad_ptrs = ffi.new("uintptr_t[]", max(n, 1))
 
+    def _build(self, plan: _GroupPlan) -> None:
+        """State for new params, then the C arrays; raises nothing after _plan's checks."""
+        self._init_state(plan)
+        if self._kernel is not None:
+            self._build_native(plan)
+        plan.built = True
+
     def _run(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        # Every tensor behind a pointer in the C arrays stays referenced by the plan (params,
+        # grads, state_tensors) for the whole call, and the step lock keeps any other step()
+        # from swapping them: a grad the caller drops meanwhile is not freed under the kernel.
         group = plan.group
-        if not plan.built:
-            self._init_state(plan)
-            if self._kernel is not None:
-                self._build_native(plan)
-            plan.built = True
         ffi = self._kernel.ffi if self._kernel is not None else None
         if plan.pending_grads is not None:  # grads checked by _plan; point the arrays at them
             plan.grads = plan.pending_grads
             plan.grad_sig = plan.pending_grad_sig  # computed by grads_changed for these grads
+            plan.grad_bytes = plan.pending_grad_bytes
             plan.pending_grads = None
             if ffi is not None:
                 ptrs = plan.grad_sig[0]
@@ -666,7 +756,9 @@ def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
             ptr = t.data_ptr()
         except RuntimeError:
             ptr = 0
-        if t.numel() and ptr == 0:
+        if t.numel() and type(t) in (Tensor, torch.nn.Parameter):
+            _check_allocated(t, what, where)
+        elif t.numel() and ptr == 0:
             raise TypeError(
                 f"roundpipe Adam: {where}: the {what} is a {type(t).__name__}, a tensor subclass with no "
                 "memory of its own; roundpipe steps plain CPU tensors and DTensor shards. "
@@ -676,6 +768,67 @@ def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
         raise ValueError(f"roundpipe Adam: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
     if not lg.is_contiguous():
         raise ValueError(f"roundpipe Adam: {where} has a non-contiguous grad; make it contiguous before step()")
+
+
+def _check_allocated(t: Tensor, what: str, where: str) -> None:
+    """A plain tensor's memory must exist and hold all its elements (not freed by resize_(0))."""
+    try:
+        nbytes = t.untyped_storage().nbytes()
+        ptr = t.data_ptr()
+    except RuntimeError:
+        nbytes, ptr = 0, 0
+    need = (t.storage_offset() + t.numel()) * t.element_size()
+    if ptr == 0 or nbytes < need:
+        raise RuntimeError(
+            f"roundpipe Adam: {where}: the {what}'s data is not allocated (its storage holds {nbytes} "
+            f"bytes, {need} needed: was it freed with untyped_storage().resize_(0)?); "
+            "give it memory again before step()")
+
+
+def _check_flags(options: dict[str, Any], where: str = "") -> None:
+    """Booleans must be bools: maximize="false" is truthy and would do gradient ascent."""
+    for name, value in options.items():
+        allowed = (bool, type(None)) if name in ("foreach", "fused") else (bool,)
+        if not isinstance(value, allowed):
+            kind = "a bool or None" if name in ("foreach", "fused") else "a bool"
+            raise TypeError(f"{name} must be {kind}{where}, got {value!r}")
+
+
+def _span(t: Tensor, name: str) -> tuple[int, int, str] | None:
+    """[start, end) of the memory a contiguous tensor covers, or None if it covers none."""
+    t = _local(t)
+    n = t.numel()
+    if n == 0:
+        return None
+    start = t.data_ptr()
+    return start, start + n * t.element_size(), name
+
+
+def _check_no_overlap(plans: list[_GroupPlan], state: dict[Any, dict[str, Any]]) -> None:
+    """Refuse memory shared by two stepped params, or by a param and a state tensor.
+
+    Two Parameter objects over one storage would be stepped twice, by threads
+    racing on the same cache lines; a state tensor over a param's memory, or a
+    ``step`` tensor shared by two params, would be updated twice. Views of one
+    flat buffer that do not overlap (FSDP's FlatParameter) are fine. Sort and
+    sweep over address intervals: O(n log n), run when a plan is (re)built.
+    """
+    spans: list[tuple[int, int, str]] = []
+    for gi, plan in enumerate(plans):
+        for slot, p in enumerate(plan.params):
+            where = f"param group {gi}, param {plan.group_index[slot]}"
+            spans.append(_span(p, where))  # type: ignore[arg-type]
+            for key, t in (state.get(p) or {}).items():
+                if isinstance(t, Tensor) and not t.is_meta:
+                    spans.append(_span(t, f"state[{key!r}] of {where}"))  # type: ignore[arg-type]
+    end, owner = -1, ""
+    for start, stop, name in sorted(sp for sp in spans if sp is not None):
+        if start < end:
+            raise ValueError(
+                f"roundpipe Adam: {name} and {owner} share memory; each param and each state tensor "
+                "must have memory of its own (non-overlapping views of one buffer are fine)")
+        if stop > end:
+            end, owner = stop, name
 
 
 def _check_no_duplicates(groups: list[dict[str, Any]]) -> None:
@@ -698,12 +851,16 @@ def _check_precision_options(master_weights: Any, exp_avg_dtype: Any, exp_avg_sq
             raise TypeError(f"{name} must be torch.float32, torch.bfloat16 or None{where}, got {value!r}")
 
 
-def _layout(group: dict[str, Any], p: Tensor, where: str) -> tuple[bool, torch.dtype, torch.dtype]:
+def _layout_dtypes(group: dict[str, Any], p: Tensor) -> tuple[bool, torch.dtype, torch.dtype]:
     """(keeps an fp32 master copy, exp_avg dtype, exp_avg_sq dtype) for param p in group."""
     master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
     base = torch.float32 if master else p.dtype
-    m_dtype = group["exp_avg_dtype"] or base
-    v_dtype = group["exp_avg_sq_dtype"] or base
+    return master, group["exp_avg_dtype"] or base, group["exp_avg_sq_dtype"] or base
+
+
+def _layout(group: dict[str, Any], p: Tensor, where: str) -> tuple[bool, torch.dtype, torch.dtype]:
+    """_layout_dtypes, refusing moment dtypes on complex params."""
+    master, m_dtype, v_dtype = _layout_dtypes(group, p)
     if p.is_complex() and (m_dtype, v_dtype) != (p.dtype, p.dtype):
         raise TypeError(f"roundpipe Adam: {where} is complex; exp_avg_dtype/exp_avg_sq_dtype apply to real params only")
     return master, m_dtype, v_dtype
@@ -726,8 +883,20 @@ def _check_state(p: Tensor, st: dict[str, Any], amsgrad: bool, layout: tuple, wh
                 f"roundpipe Adam: {where} has state[{name!r}] of dtype {t.dtype}, shape {tuple(t.shape)} "
                 f"on {t.device}; this group keeps it as a contiguous CPU {dtype} tensor of shape {tuple(p.shape)}"
             )
-    if "step" not in st:
+        if lt.numel():
+            _check_allocated(lt, f"state[{name!r}]", where)
+    step = st.get("step")
+    if step is None:
         raise RuntimeError(f"roundpipe Adam: {where} has no state['step']")
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.is_complex() or _is_dtensor(step):
+            raise RuntimeError(
+                f"roundpipe Adam: {where} has state['step'] of shape {tuple(step.shape)} and dtype "
+                f"{step.dtype}; it must be a 1-element real tensor (torch keeps a 0-dim float32 one)")
+        if step.device.type == "cpu" and not step.is_meta:
+            _check_allocated(step, "state['step']", where)
+    elif isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise RuntimeError(f"roundpipe Adam: {where} has state['step'] = {step!r}; it must be a number or a tensor")
 
 
 def _amp_scalar(t: Tensor | None, name: str) -> Tensor | None:
@@ -762,7 +931,9 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
         else:
             work = master if master is not None else p.float()
             tensors = [work, g.float()] + [st[n].float() for n in names]
-            write_back += [(p, work), (g, tensors[1])] + [(st[n], t) for n, t in zip(names, tensors[2:])]
+            write_back += [(p, work)] + [(st[n], t) for n, t in zip(names, tensors[2:], strict=True)]
+            if grad_scale is not None:  # the fused kernel unscaled the fp32 copy of the grad in place
+                write_back.append((g, tensors[1]))
         for lst, t in zip(lists, tensors[:4] + ([tensors[4]] if plan.amsgrad else [])):
             lst.append(t)
         lists[5].append(st["step"])

@@ -1,0 +1,369 @@
+"""Memory safety under mutation, aliasing and concurrency, and checkpoints that keep their settings.
+
+Each reproducer of issue 16 is a test. The ones that crashed the process (heap corruption,
+SIGSEGV) run in a subprocess, so that a regression fails the test instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_bits_equal, run_python
+
+import roundpipe.optim as rpo
+
+
+def _subprocess_ok(code: str, timeout: float = 240) -> str:
+    res = run_python(textwrap.dedent(code), timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}")
+    return res.stdout
+
+
+def _twins(n: int = 100, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    init = torch.randn(n).to(dtype)
+    a = init.clone().requires_grad_()
+    b = init.clone().requires_grad_()
+    return a, b, torch.optim.Adam([a], fused=True, **kw), rpo.Adam([b], **kw)
+
+
+def _same_state(ref: torch.optim.Optimizer, opt: torch.optim.Optimizer, pr, po) -> None:
+    assert_bits_equal(pr, po, "param")
+    sr, so = ref.state[pr], opt.state[po]
+    if set(sr) != set(so):
+        raise AssertionError(f"state keys differ: {sorted(sr)} vs {sorted(so)}")
+    for k in sr:
+        assert_bits_equal(sr[k], so[k], f"state[{k!r}]")
+
+
+# ---- 1. state storage replaced under the same tensor object ------------------------------------
+
+@pytest.mark.parametrize("how", ["data", "set_", "resize"])
+def test_state_storage_swapped_under_the_same_object_is_followed(how):
+    code = f"""
+        import torch, roundpipe.optim as rpo
+        torch.manual_seed(0)
+        for n in (10, 100_000):
+            init = torch.randn(n)
+            a = init.clone().requires_grad_(); b = init.clone().requires_grad_()
+            ref = torch.optim.Adam([a], fused=True); opt = rpo.Adam([b])
+            grads = [torch.randn(n) for _ in range(4)]
+            for i, g in enumerate(grads):
+                a.grad = g.clone(); b.grad = g.clone()
+                ref.step(); opt.step()
+                if i == 0:
+                    for o, p in ((ref, a), (opt, b)):
+                        st = o.state[p]["exp_avg"]
+                        if "{how}" == "data":
+                            st.data = st.data.clone()
+                        elif "{how}" == "set_":
+                            st.set_(st.clone())
+                        else:
+                            keep = st.clone()
+                            st.untyped_storage().resize_(0)
+                            st.untyped_storage().resize_(keep.numel() * 4)
+                            st.copy_(keep)
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), "params differ"
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(ref.state[a][k], opt.state[b][k]), k
+        print("ok")
+    """
+    assert "ok" in _subprocess_ok(code)
+
+
+def test_state_storage_freed_between_steps_raises_naming_it():
+    a, b, ref, opt = _twins()
+    b.grad = torch.ones_like(b)
+    opt.step()
+    opt.state[b]["exp_avg_sq"].untyped_storage().resize_(0)
+    before = b.detach().clone()
+    with pytest.raises(RuntimeError, match=r"param group 0, param 0.*exp_avg_sq.*not allocated"):
+        opt.step()
+    assert_bits_equal(b, before, "param after the refused step")
+
+
+# ---- 2. a grad whose storage was freed ---------------------------------------------------------
+
+def test_grad_with_freed_storage_raises_instead_of_crashing():
+    out = _subprocess_ok("""
+        import torch, roundpipe.optim as rpo
+        p = torch.zeros(1000, requires_grad=True); opt = rpo.Adam([p]); p.grad = torch.ones(1000); opt.step()
+        for first in (False, True):
+            if first:
+                p = torch.zeros(1000, requires_grad=True); opt = rpo.Adam([p])
+            p.grad = torch.ones(1000); p.grad.untyped_storage().resize_(0)
+            try:
+                opt.step()
+            except RuntimeError as e:
+                assert "not allocated" in str(e) and "param group 0, param 0" in str(e), e
+                assert "subclass" not in str(e), e
+                print("raised", first)
+        print("ok")
+    """)
+    assert "raised False" in out and "raised True" in out
+
+
+def test_param_with_freed_storage_raises():
+    p = torch.zeros(100, requires_grad=True)
+    opt = rpo.Adam([p])
+    p.grad = torch.ones(100)
+    opt.step()
+    p.untyped_storage().resize_(0)
+    p.grad = torch.ones(100)
+    with pytest.raises(RuntimeError, match="param group 0, param 0: the param's data is not allocated"):
+        opt.step()
+
+
+# ---- 3. step() entered from a second thread ------------------------------------------------------
+
+def test_concurrent_steps_on_one_optimizer_are_serialized():
+    out = _subprocess_ok("""
+        import threading, torch, roundpipe.optim as rpo
+        torch.set_num_threads(1)
+        for trial in range(3):
+            p = torch.zeros(16 << 20, requires_grad=True)   # 64 MiB
+            opt = rpo.Adam([p])
+            p.grad = torch.ones_like(p)
+            t = threading.Thread(target=opt.step)
+            t.start()
+            new = torch.full_like(p, 2.0)
+            p.grad = new
+            del new
+            opt.step()
+            t.join()
+            assert opt.state[p]["step"].item() == 2.0
+            assert torch.isfinite(p).all()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+# ---- 4. two params over the same memory -----------------------------------------------------------
+
+def test_params_sharing_memory_are_refused_naming_both():
+    base = torch.randn(16384)
+    ps = [nn.Parameter(torch.randn(16)), nn.Parameter(base), nn.Parameter(base)]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt = rpo.Adam(ps)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=r"param group 0, param 2 and param group 0, param 1 share memory"):
+        opt.step()
+    for p, b in zip(ps, before, strict=True):
+        assert_bits_equal(p, b, "param after the refused step")
+    assert not opt.state
+
+
+def test_overlapping_views_across_groups_are_refused():
+    flat = torch.zeros(100)
+    a, b = nn.Parameter(flat[:60]), nn.Parameter(flat[50:])
+    a.grad, b.grad = torch.ones(60), torch.ones(50)
+    opt = rpo.Adam([{"params": [a]}, {"params": [b]}])
+    with pytest.raises(ValueError, match=r"param group 1, param 0 and param group 0, param 0 share memory"):
+        opt.step()
+
+
+def test_state_tensor_over_a_param_is_refused():
+    p = nn.Parameter(torch.randn(64))
+    q = nn.Parameter(torch.randn(64))
+    p.grad, q.grad = torch.ones(64), torch.ones(64)
+    opt = rpo.Adam([p, q])
+    opt.step()
+    opt.state[q]["exp_avg"] = p.data  # the moment now aliases another param
+    with pytest.raises(ValueError, match=r"share memory"):
+        opt.step()
+
+
+def test_one_step_tensor_shared_by_two_params_is_refused():
+    p, q = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+    p.grad, q.grad = torch.ones(8), torch.ones(8)
+    opt = rpo.Adam([p, q])
+    opt.step()
+    opt.state[q]["step"] = opt.state[p]["step"]
+    with pytest.raises(ValueError, match=r"state\['step'\] of param group 0, param 1 and state\['step'\] of param group 0, param 0"):
+        opt.step()
+
+
+def test_non_overlapping_views_of_one_flat_buffer_still_step_like_torch(threads):
+    torch.set_num_threads(2)
+    torch.manual_seed(1)
+    flat_ref, flat_rp = torch.randn(20000), None
+    flat_rp = flat_ref.clone()
+    cuts = [0, 7, 4103, 12000, 20000]
+    pr = [nn.Parameter(flat_ref[a:b]) for a, b in zip(cuts, cuts[1:])]
+    po = [nn.Parameter(flat_rp[a:b]) for a, b in zip(cuts, cuts[1:])]
+    ref, opt = torch.optim.Adam(pr, fused=True), rpo.Adam(po)
+    for _ in range(3):
+        for a, b in zip(pr, po, strict=True):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    assert_bits_equal(flat_ref, flat_rp, "flat buffer")
+
+
+# ---- 5. opt.state[p].clear() -------------------------------------------------------------------------
+
+def test_cleared_state_is_reinitialized_like_torch():
+    a, b, ref, opt = _twins()
+    for i in range(4):
+        g = torch.randn(100)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+        if i == 1:
+            ref.state[a].clear()
+            opt.state[b].clear()
+    _same_state(ref, opt, a, b)
+
+
+# ---- 6. state_dict across dtypes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("saved", "resumed"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                (torch.float32, torch.float16)])
+def test_checkpoint_resumed_in_another_dtype_steps_like_torch(saved, resumed):
+    torch.manual_seed(2)
+    src = torch.randn(100).to(saved).requires_grad_()
+    src_opt = torch.optim.Adam([src], fused=True)
+    for _ in range(2):
+        src.grad = torch.randn(100).to(saved)
+        src_opt.step()
+    sd = src_opt.state_dict()
+    a = src.detach().to(resumed).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    ref, opt = torch.optim.Adam([a], fused=True), rpo.Adam([b])
+    # torch's loader keeps a float32 `step` tensor as it is: each optimizer gets its own copy
+    ref.load_state_dict(copy.deepcopy(sd))
+    opt.load_state_dict(copy.deepcopy(sd))
+    for _ in range(2):
+        g = torch.randn(100).to(resumed)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    _same_state(ref, opt, a, b)
+
+
+def test_fp32_master_and_fp32_moments_keep_their_dtype_on_load():
+    p = torch.randn(64).bfloat16().requires_grad_()
+    opt = rpo.Adam([p], master_weights=True)
+    p.grad = torch.randn(64).bfloat16()
+    opt.step()
+    sd = opt.state_dict()
+    q = p.detach().clone().requires_grad_()
+    opt2 = rpo.Adam([q], master_weights=True)
+    opt2.load_state_dict(sd)
+    for k in ("exp_avg", "exp_avg_sq", "master_param"):
+        assert opt2.state[q][k].dtype == torch.float32, k
+        assert_bits_equal(opt2.state[q][k], opt.state[p][k], k)
+
+
+# ---- 7. roundpipe options survive loading a torch checkpoint -----------------------------------------
+
+def test_loading_a_torch_checkpoint_keeps_the_constructor_options():
+    p = torch.randn(64).bfloat16().requires_grad_()
+    tref = torch.optim.Adam([p], fused=True)
+    p.grad = torch.randn(64).bfloat16()
+    tref.step()
+    q = p.detach().clone().requires_grad_()
+    opt = rpo.Adam([q], master_weights=True, exp_avg_sq_dtype=torch.bfloat16)
+    opt.load_state_dict(tref.state_dict())
+    group = opt.param_groups[0]
+    assert group["master_weights"] is True
+    assert group["exp_avg_sq_dtype"] is torch.bfloat16
+    q.grad = torch.randn(64).bfloat16()
+    opt.step()
+    st = opt.state[q]
+    assert st["master_param"].dtype == torch.float32
+    assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.bfloat16
+
+
+# ---- 8. string booleans -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["maximize", "amsgrad", "decoupled_weight_decay", "capturable", "differentiable"])
+def test_string_booleans_raise_type_error(name):
+    p = nn.Parameter(torch.randn(4))
+    with pytest.raises(TypeError, match=name):
+        rpo.Adam([p], **{name: "false"})
+    opt = rpo.Adam([p])
+    with pytest.raises(TypeError, match=rf"{name}.*param group 1"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4))], name: "false"})
+    p.grad = torch.ones(4)
+    opt.step()
+    before = p.detach().clone()
+    opt.param_groups[0][name] = "false"
+    with pytest.raises(TypeError, match=rf"{name}.*param group 0"):
+        opt.step()
+    assert_bits_equal(p, before, "param after the refused step")
+
+
+# ---- 9. a first step skipped by GradScaler -------------------------------------------------------------
+
+def test_skipped_first_step_creates_state_like_torch():
+    a, b, ref, opt = _twins()
+    g = torch.randn(100)
+    a.grad, b.grad = g.clone(), g.clone()
+    for o in (ref, opt):  # as GradScaler.step hands a fused optimizer its inf flag
+        o.found_inf = torch.ones(())
+        o.step()
+        del o.found_inf
+    _same_state(ref, opt, a, b)
+    assert opt.state[b]["step"].item() == 0.0
+    a.grad, b.grad = g.clone(), g.clone()
+    ref.step()
+    opt.step()
+    _same_state(ref, opt, a, b)
+
+
+# ---- 10. an error raised after mutation ------------------------------------------------------------------
+
+def test_bad_step_tensor_in_a_later_group_changes_nothing():
+    pa, pb = nn.Parameter(torch.randn(32)), nn.Parameter(torch.randn(32))
+    opt = rpo.Adam([{"params": [pa]}, {"params": [pb]}])
+    pa.grad, pb.grad = torch.ones(32), torch.ones(32)
+    opt.step()
+    opt.state[pb]["step"] = torch.zeros(2)
+    before = [pa.detach().clone(), opt.state[pa]["step"].clone(), opt.state[pa]["exp_avg"].clone()]
+    with pytest.raises(RuntimeError, match=r"param group 1, param 0 has state\['step'\] of shape \(2,\)"):
+        opt.step()
+    after = [pa, opt.state[pa]["step"], opt.state[pa]["exp_avg"]]
+    for x, y in zip(before, after, strict=True):
+        assert_bits_equal(x, y, "group 0 after the refused step")
+
+
+# ---- lower severity ---------------------------------------------------------------------------------------
+
+def test_param_dtype_changed_through_data_view_is_refused_like_torch():
+    p = nn.Parameter(torch.randn(16).bfloat16())
+    opt = rpo.Adam([p])
+    p.grad = torch.randn(16).bfloat16()
+    opt.step()
+    p.grad = torch.randn(16).bfloat16()
+    p.data = p.data.view(torch.float16)  # the bf16 grad stays
+    with pytest.raises(TypeError, match="param group 0, param 0 has grad dtype torch.bfloat16 but param dtype torch.float16"):
+        opt.step()
+
+
+def test_fallback_does_not_rewrite_grads_without_a_grad_scale(tmp_path):
+    out = _subprocess_ok(f"""
+        import os, warnings
+        os.environ["CC"] = "/nonexistent/cc"
+        os.environ["ROUNDPIPE_CACHE_DIR"] = {str(tmp_path)!r}
+        os.environ.pop("ROUNDPIPE_REQUIRE_NATIVE", None)
+        warnings.simplefilter("ignore")
+        import torch, roundpipe.optim as rpo
+        assert not rpo.native_available()
+        p = torch.randn(64).half().requires_grad_()
+        opt = rpo.Adam([p], master_weights=True)
+        p.grad = torch.randn(64).half()
+        v = p.grad._version
+        opt.step()
+        assert p.grad._version == v, (p.grad._version, v)
+        print("ok")
+    """)
+    assert "ok" in out
