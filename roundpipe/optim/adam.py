@@ -413,6 +413,22 @@ class Adam(Optimizer):
         if hasattr(self, "_plans"):  # not yet during __init__
             self._plans.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, with ``fused=True`` in each group that left it unset.
+
+        torch.optim.Adam takes every hyperparameter from a loaded checkpoint, ``fused``
+        included: a checkpoint that says ``fused=None`` would resume on torch's for-loop
+        Adam, slower and no longer bit-identical. Our step is always fused, so the
+        checkpoint says so, except where torch's fused kernel could not take the group
+        (complex params) or where ``foreach=True`` was asked for (torch refuses both).
+        """
+        sd = super().state_dict()
+        for saved, group in zip(sd["param_groups"], self.param_groups, strict=True):
+            if (saved.get("fused") is None and not saved.get("foreach")
+                    and all(p.is_floating_point() for p in group["params"])):
+                saved["fused"] = True
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, with state dtypes set by each param's layout.
 
@@ -458,6 +474,8 @@ class Adam(Optimizer):
             found_inf: GradScaler's inf flag; when non-zero the whole step is
                 skipped (params, moments and step counters stay as they are).
         """
+        if torch.compiler.is_compiling():  # traced by a path that ignores _opaque_to_torch_compile
+            raise RuntimeError(_COMPILE_MESSAGE)
         if type(self).step is Adam.step and _needs_torch_step_wrapper(self):
             # A profiler or a step hook is active: torch's own wrapper runs them, as for any optimizer.
             args = (self,) if closure is None else (self, closure)
@@ -665,6 +683,34 @@ class Adam(Optimizer):
 
 
 _torch_hooked_step = Optimizer.profile_hook_step(Adam._step)
+
+_COMPILE_MESSAGE = (
+    "roundpipe's optimizer step is one compiled C call already and runs eagerly, outside "
+    "torch.compile's graph: compile without fullgraph=True (the step is then a graph break), "
+    "or compile only the forward and backward"
+)
+
+
+def _opaque_to_torch_compile(fn: Callable[..., Any]) -> None:
+    """Make torch.compile run fn eagerly, at a graph break, with everything it calls.
+
+    What ``torch.compiler.disable`` does, without importing torch._dynamo (over a second,
+    against an import budget of milliseconds): the attributes make a compiled caller break
+    its graph at the call (and ``fullgraph=True`` fail with _COMPILE_MESSAGE), and the code
+    strategy makes dynamo skip fn's frame and every frame it calls when fn then runs, or
+    when fn itself is compiled. Without these, dynamo traces into cffi and fails with an
+    internal error. torch builds without the strategy hook get the attributes alone.
+    """
+    fn._torchdynamo_disable = True  # type: ignore[attr-defined]
+    fn._torchdynamo_disable_msg = _COMPILE_MESSAGE  # type: ignore[attr-defined]
+    try:
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
+    except ImportError:
+        return
+    set_code_exec_strategy(fn.__code__, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+
+
+_opaque_to_torch_compile(Adam.step)
 _GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
 _GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
 _PROFILER_ENABLED = getattr(torch._C._autograd, "_profiler_enabled", None)
