@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .. import _build
+from .. import _build, _threads
 
 __all__ = ["Adam", "AdamW", "native_available"]
 
@@ -414,6 +414,7 @@ class Adam(Optimizer):
     @torch.no_grad()
     def _step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> float | None:
+        _threads.warn_once()  # torchrun's one thread per rank on a many-core host: say so, once per process
         loss = None
         if closure is not None:
             with torch.enable_grad():
