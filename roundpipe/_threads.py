@@ -17,6 +17,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping
+from types import FrameType
 
 SILENCE_ENV = "ROUNDPIPE_NO_THREAD_WARNING"
 # Variables torchrun (torch.distributed.elastic) sets in each rank it launches.
@@ -64,13 +65,14 @@ def thread_advice(env: Mapping[str, str], cores: int, threads: int) -> str | Non
 
 def _caller_stacklevel() -> int:
     """The stacklevel of the first frame outside roundpipe and torch: the user's call to step()."""
-    skip = (os.path.dirname(os.path.abspath(__file__)),)
-    torch_mod = sys.modules.get("torch")
-    if torch_mod is not None and getattr(torch_mod, "__file__", None):
-        skip += (os.path.dirname(os.path.abspath(torch_mod.__file__)),)  # type: ignore[arg-type]
-    frame, level = sys._getframe(1), 1  # level 1 is warn_once's frame
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    skip = [os.path.dirname(os.path.abspath(__file__))]
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    if torch_file:
+        skip.append(os.path.dirname(os.path.abspath(torch_file)))
+    frame: FrameType | None = sys._getframe(1)  # level 1: warn_once's frame
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(tuple(skip)):
+        frame, level = frame.f_back, level + 1
     return level
 
 

@@ -18,9 +18,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from conftest import assert_bits_equal  # noqa: E402
+from conftest import assert_bits_equal
 
-import roundpipe.optim  # noqa: E402
+import roundpipe.optim
 
 STEPS = 6
 SEQ = 16
