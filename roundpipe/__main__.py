@@ -2,8 +2,9 @@
 
   info [--timing] [--repeat N] [--vec]
       what this host uses: version, cache dir and key, CPU and SIMD features,
-      compiler and flags, artefact, OpenMP runtime and threads (builds the
-      kernel if the cache lacks it). --timing also measures cold and warm
+      compiler and flags, artefact, OpenMP runtime and threads, with advice
+      when torchrun left one thread on a many-core host (builds the kernel
+      if the cache lacks it). --timing also measures cold and warm
       import against ``import torch`` alone, each in a fresh process.
       --vec prints the compiler's vectorization report for adam.c (gcc).
   build [--force]
@@ -31,7 +32,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__, _build
+from . import __version__, _build, _threads
 
 # The SIMD extensions adam.c's loops can use, as the compiler's -march=native
 # macros name them (x86, then arm64), with the /proc/cpuinfo flag names.
@@ -139,10 +140,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     if len(runtimes) > 1:
         _row("", f"WARNING: {len(runtimes)} OpenMP runtimes are mapped; they will fight over the cores")
     omp_env = os.environ.get("OMP_NUM_THREADS")
+    cores = _threads.available_cores()
     _row("threads", f"{torch.get_num_threads()}  (torch.get_num_threads(); "
-                    f"OMP_NUM_THREADS={omp_env if omp_env is not None else 'unset'})")
+                    f"OMP_NUM_THREADS={omp_env if omp_env is not None else 'unset'}; {cores} cores available)")
+    advice = _threads.thread_advice(os.environ, cores, torch.get_num_threads())
+    if advice is not None:  # shown even under ROUNDPIPE_NO_THREAD_WARNING: info was asked for
+        _row("", "ADVICE: " + advice.removeprefix("roundpipe: "))
     settings = [f"{k}={os.environ[k]}" for k in ("CC", "ROUNDPIPE_CACHE_DIR", "ROUNDPIPE_NO_CACHE",
-                                                   "ROUNDPIPE_REQUIRE_NATIVE") if k in os.environ]
+                                                   "ROUNDPIPE_REQUIRE_NATIVE", _threads.SILENCE_ENV)
+                if k in os.environ]
     _row("environment", " ".join(settings) or "no CC or ROUNDPIPE_* variables set")
     for w in caught:  # the fallback's warning is the "reason" row already
         text = " ".join(str(w.message).split()).removeprefix("roundpipe: ")
@@ -252,7 +258,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="python -m roundpipe", description="Inspect, prebuild or empty roundpipe's kernel cache.",
-                     epilog="Environment: ROUNDPIPE_CACHE_DIR, CC, ROUNDPIPE_REQUIRE_NATIVE, ROUNDPIPE_NO_CACHE.",
+                     epilog="Environment: ROUNDPIPE_CACHE_DIR, CC, ROUNDPIPE_REQUIRE_NATIVE, ROUNDPIPE_NO_CACHE, "
+                            "ROUNDPIPE_NO_THREAD_WARNING.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{info,build,clean}", parser_class=_Parser)
     p_info = sub.add_parser("info", help="show what this host uses (builds the kernel if needed)")

@@ -4,6 +4,7 @@
     python scripts/bench.py                      # every workload, torch's thread count
     python scripts/bench.py --threads 1,2        # scaling: one table per thread count
     python scripts/bench.py --json out.json      # also write the results for machines
+    python scripts/bench.py --plot bench.png     # and a chart: Gelem/s against the roofline (matplotlib)
     python scripts/bench.py --quick              # small smoke run (tests/test_bench.py)
     python scripts/bench.py --sweep-serial       # where one thread beats many (SERIAL_BELOW)
     python scripts/bench.py --chunk-sweep        # CHUNK_ELEMS choices
@@ -1029,6 +1030,75 @@ def print_scaling(results: list[Result], out: Any) -> None:
                 file=out)
 
 
+# Workloads --plot can draw: throughput tables, which carry a roofline-probe row
+# (tiny and in-backward are per-call costs in microseconds; per-tensor has no Gelem/s).
+PLOT_WORKLOADS = {"big", "mix", "small", "master-weights", "bf16", "fp16", "grad-scaler"}
+
+
+def plot_results(results: list[Result], meta: dict[str, Any], path: str) -> int:
+    """Grouped bars of every competitor's Gelem/s per workload, each against the roofline; returns bars drawn.
+
+    The roofline of a bar is the probe's measured GB/s over that bar's bytes per element: the step's
+    memory bound on this machine. For fp32 workloads every competitor moves 28 B/el, so the bars of a
+    workload share one roofline line; a mixed-precision competitor moving fewer bytes has a higher one.
+    """
+    import textwrap
+
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    groups = [r for r in results if r.kind == "throughput" and "roofline-probe" in r.rows]
+    if not groups:
+        return 0
+    thread_counts = sorted({r.threads for r in groups})
+    names: list[str] = []  # every competitor, in order of first appearance: one colour each
+    for r in groups:
+        names += [n for n in r.rows if n != "roofline-probe" and n not in names]
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+    widest = max(len(r.rows) - 1 for r in groups)
+    fig, axes = plt.subplots(len(thread_counts), 1, squeeze=False, sharey=True,
+                             figsize=(max(8.0, 0.32 * widest * len(groups) / len(thread_counts) + 3),
+                                      4.2 * len(thread_counts) + 1.4))
+    drawn = 0
+    for ax, th in zip(axes[:, 0], thread_counts):
+        mine = [r for r in groups if r.threads == th]
+        labels = []
+        for gi, r in enumerate(mine):
+            comps = [n for n in r.rows if n != "roofline-probe"]
+            width = 0.8 / len(comps)
+            roof_gbs = r.rows["roofline-probe"]["gb_s"]
+            for ci, n in enumerate(comps):
+                row = r.rows[n]
+                x = gi - 0.4 + width * (ci + 0.5)
+                ax.bar(x, row["gelem_s"], width * 0.92, color=colour[n], label=n)
+                # this bar's memory bound, as a black tick over it
+                ax.hlines(roof_gbs / row["bytes_per_elem"], x - width / 2, x + width / 2, colors="black",
+                          linewidth=2, label="roofline (probe GB/s / the bar's B/el)")
+                drawn += 1
+            labels.append("\n".join(textwrap.wrap(r.workload, 22)) + f"\n{fmt_elems(r.numel)} el")
+        ax.set_xticks(range(len(mine)), labels, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("Gelem/s (log)")
+        ax.set_title(f"{th} thread{'s' if th != 1 else ''}", fontsize=10)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    handles: dict[str, Any] = {}
+    for ax in axes[:, 0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+               frameon=False)
+    fig.suptitle(f"Adam step throughput against the memory roofline: {meta['cpu']}, torch {meta['torch']}, "
+                 f"roundpipe {meta['git']}, {meta['date'][:10]}", fontsize=10)
+    rows_of_legend = -(-len(handles) // min(4, len(handles)))
+    fig.tight_layout(rect=(0, 0.04 * rows_of_legend + 0.02, 1, 0.96))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
 # ---- driver ------------------------------------------------------------------------------------
 
 
@@ -1093,6 +1163,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int_list, default=[2048, 4096, 8192, 16384, 32768, 65536, 262144])
     ap.add_argument("--profile", action="store_true", help="profile roundpipe's step() Python path")
     ap.add_argument("--profile-out", default="", help="also write the profile text to this path")
+    ap.add_argument("--plot", default="", metavar="FILE.png",
+                    help="draw each throughput workload's Gelem/s against the roofline (needs matplotlib: "
+                         "pip install 'roundpipe[bench]')")
     args = ap.parse_args(argv)
 
     if args.quick:
@@ -1113,6 +1186,16 @@ def main(argv: list[str] | None = None) -> int:
     known = set(WORKLOADS.split(","))
     if wanted - known:
         ap.error(f"--workloads: unknown {sorted(wanted - known)}; choose from {sorted(known)}")
+
+    if args.plot:  # fail before measuring for minutes, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                     "(or the bench extra: pip install 'roundpipe[bench]')")
+        if not wanted & PLOT_WORKLOADS:
+            ap.error(f"--plot draws the throughput workloads ({','.join(sorted(PLOT_WORKLOADS))}); "
+                     f"--workloads chose none of them")
 
     args.deepspeed_cls, ds_why = (None, "--no-deepspeed") if args.no_deepspeed else deepspeed_adam()
     if ds_why:
@@ -1250,6 +1333,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=1)
+    if args.plot:
+        if not plot_results(results, meta, args.plot):
+            print(f"bench.py: --plot: no throughput workload produced results; {args.plot} not written",
+                  file=sys.stderr)
+            return 1
+        print(f"# chart: {args.plot}", file=out)
     return 0
 
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench.py")
 
 
@@ -60,3 +62,44 @@ def test_bad_arguments_fail_cleanly(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "--threads" in proc.stderr
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's signature and IHDR chunk; raises if it is not a PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise AssertionError(f"not a PNG: starts {data[:16]!r}")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_draws_a_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "chart.png"
+    proc, doc = run_bench(tmp_path, "--workloads", "big,bf16,tiny", "--plot", str(png))
+    data = png.read_bytes()
+    width, height = png_size(data)
+    assert width >= 600 and height >= 300, (width, height)
+    assert len(data) > 10_000, len(data)  # bars, ticks and text, not an empty canvas
+    assert f"# chart: {png}" in proc.stdout
+    import matplotlib.image
+    pixels = matplotlib.image.imread(str(png))  # decodes as a whole
+    assert pixels.shape[:2] == (height, width) and pixels.std() > 0.05
+
+
+def test_plot_without_matplotlib_fails_before_measuring(tmp_path):
+    # sys.modules[name] = None makes `import matplotlib` raise ImportError, as if it were not installed
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+            f"sys.argv = [{BENCH!r}, '--quick', '--no-deepspeed', '--workloads', 'big', '--plot', 'x.png']; "
+            f"runpy.run_path({BENCH!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert "--plot needs matplotlib" in proc.stderr and "Traceback" not in proc.stderr
+    assert "## big tensor" not in proc.stdout and not (tmp_path / "x.png").exists()
+
+
+def test_plot_needs_a_throughput_workload(tmp_path):
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--no-deepspeed", "--workloads", "tiny",
+                           "--plot", "x.png"], capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert proc.returncode == 2 and "--plot draws the throughput workloads" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.png").exists()

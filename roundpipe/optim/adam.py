@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .. import _build
+from .. import _build, _threads
 
 __all__ = ["Adam", "AdamW", "native_available"]
 
@@ -493,6 +493,7 @@ class Adam(Optimizer):
     @torch.no_grad()
     def _step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> float | None:
+        _threads.warn_once()  # torchrun's one thread per rank on a many-core host: say so, once per process
         # One step at a time per optimizer: a step() entered from another thread waits here
         # until the running one has returned, so no plan, grad or state tensor that the C
         # call reads is replaced or freed under it.
