@@ -140,7 +140,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                         + ("; the kernel was built privately instead" if module is not None else ""))
     elif module is not None:
         where = "a private directory of this process" if info.private_root else "the cache entry"
-        _row("trusted", f"yes: {where}, owned by {info.owner or 'you'}, writable by no one else, no symlinks")
+        owner = _build._uid_name(info.owner) if info.owner is not None else "you"
+        _row("trusted", f"yes: {where}, owned by {owner}, writable by no one else, no symlinks")
     runtimes = _build.openmp_runtimes_mapped()
     _row("openmp", ", ".join(runtimes) if runtimes else "none mapped")
     if len(runtimes) > 1:

@@ -146,7 +146,7 @@ class KernelInfo:
     build_seconds: float | None = None
     load_seconds: float | None = None
     error: str | None = None
-    owner: str = ""  # who owns the entry loaded ("uid 0 (root)"); it passed the trust check
+    owner: int | None = None  # the uid owning the artefact loaded (which passed the trust check)
     untrusted: str | None = None  # the entry skipped as untrusted, and why
 
 
@@ -391,8 +391,9 @@ def _sha256(path: Path) -> str:
 # very file the fd holds, whatever has happened to the names since. The file is
 # owned by us or root and not writable by others, so its bytes cannot change
 # either. Where /proc is missing (macOS, some sandboxes) the load is by path,
-# after the same checks: sound for a sticky root like /tmp (others cannot
-# rename our entry there), not for a world-writable root without the sticky bit.
+# after the same checks: sound where others cannot rename our entry or the
+# directories above it (a sticky root like /tmp, in a parent that only its
+# owner can write), not in a world-writable root without the sticky bit.
 
 
 class _Untrusted(Exception):
@@ -429,7 +430,7 @@ def _problems(st: os.stat_result, what: str, owners: frozenset[int], directory: 
     if stat.S_ISLNK(st.st_mode):
         problems.append(f"{what} is a symbolic link")
     elif not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
-        problems.append(f"{what} is not a {'directory' if directory else 'regular file'}")
+        problems.append(f"{what} is a file, not a directory" if directory else f"{what} is not a regular file")
     if st.st_uid not in owners:
         problems.append(f"{what} is owned by {_uid_name(st.st_uid)}")
     writers = [who for bit, who in ((stat.S_IWGRP, "group"), (stat.S_IWOTH, "others")) if st.st_mode & bit]
@@ -564,6 +565,11 @@ def _sweep(root: Path, key: str) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
+def _no_fcntl() -> BuildError:
+    return BuildError("building the kernel needs fcntl file locks, which this platform lacks",
+                      fix="use Linux or macOS; roundpipe.optim.Adam works here as torch's fused Adam")
+
+
 class _FileLock:
     """An fcntl lock: released by the kernel when its holder dies, never stale."""
 
@@ -572,8 +578,7 @@ class _FileLock:
 
     def __enter__(self) -> "_FileLock":
         if fcntl is None:
-            raise BuildError("building the kernel needs fcntl file locks, which this platform lacks",
-                             fix="use Linux or macOS; roundpipe.optim.Adam works here as torch's fused Adam")
+            raise _no_fcntl()
         deadline = time.monotonic() + self.timeout
         while True:
             try:  # O_NOFOLLOW: in a shared root, a lock "file" may be someone's symlink
@@ -649,6 +654,8 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
     root = cache_root()
     INFO.key, INFO.key_inputs, INFO.cache_root, INFO.private_root = key, inputs, str(root), False
     INFO.untrusted = None
+    if fcntl is None:  # Windows: no locks, and no uids for the trust check either
+        raise _no_fcntl()
     private: Path | None = None
     try:
         if _env_flag("ROUNDPIPE_NO_CACHE"):
@@ -741,9 +748,9 @@ def _loaded(found: _Found, from_cache: bool, t0: float) -> None:
     INFO.build_seconds = float(build_seconds) if isinstance(build_seconds, (int, float)) else None
     INFO.load_seconds = time.perf_counter() - t0
     try:
-        INFO.owner = _uid_name(os.fstat(found.fd).st_uid)
+        INFO.owner = os.fstat(found.fd).st_uid  # no name lookup here: NSS can be slow; `info` does it
     except OSError:
-        INFO.owner = ""
+        INFO.owner = None
 
 
 def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any],

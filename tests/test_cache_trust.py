@@ -17,9 +17,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import run_python
-from test_build import IMPORT_AND_REPORT, ISOLATED, LAST_JSON, entries, needs_compiler, result_of
+from test_build import (
+    IMPORT_AND_REPORT,
+    ISOLATED,
+    LAST_JSON,
+    entries,
+    needs_compiler,
+    result_of,
+)
 
 from roundpipe import _build
 
@@ -213,9 +219,8 @@ def test_the_lock_file_is_not_followed_through_a_symlink(tmp_path):
     victim.write_text("precious\n")
     lock = tmp_path / "key.lock"
     lock.symlink_to(victim)
-    with pytest.raises(_build.BuildError, match="cannot open the build lock"):
-        with _build._FileLock(lock, timeout=1):
-            pass
+    with pytest.raises(_build.BuildError, match="cannot open the build lock"), _build._FileLock(lock, timeout=1):
+        pass
     assert victim.read_text() == "precious\n"
 
 
@@ -344,7 +349,7 @@ def test_info_says_whether_the_entry_in_use_is_trusted_and_why_not(built, cache)
 
 
 def test_build_refuses_an_untrusted_entry_and_leaves_it(built, cache):
-    entry, _ = copy_entry(built, cache)
+    copy_entry(built, cache)
     before = snapshot(cache)
     code = (f"import roundpipe._build as b\nb._trusted_uids = lambda: {STRANGERS}\n"
             "import json\nfrom roundpipe.__main__ import main\nresult = {'rc': main(['build', '--force'])}\n")
