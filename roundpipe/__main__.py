@@ -2,9 +2,10 @@
 
   info [--timing] [--repeat N] [--vec]
       what this host uses: version, cache dir and key, CPU and SIMD features,
-      compiler and flags, artefact, OpenMP runtime and threads, with advice
-      when torchrun left one thread on a many-core host (builds the kernel
-      if the cache lacks it). --timing also measures cold and warm
+      compiler and flags, artefact, whether the cache entry is trusted (and
+      why not), OpenMP runtime and threads, with advice when torchrun left
+      one thread on a many-core host (builds the kernel if the cache lacks
+      it). --timing also measures cold and warm
       import against ``import torch`` alone, each in a fresh process.
       --vec prints the compiler's vectorization report for adam.c (gcc).
   build [--force]
@@ -135,6 +136,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         failed = _build._failed
         _row("kernel", "FALLBACK: torch's fused CPU Adam (same results, less speed)")
         _row("reason", failed.one_line() if failed else " ".join(reason.split()))
+    if info.untrusted:
+        _row("trusted", f"NO: the cache entry {info.untrusted}. It was not loaded"
+                        + ("; the kernel was built privately instead" if module is not None else ""))
+    elif module is not None:
+        where = "a private directory of this process" if info.private_root else "the cache entry"
+        owner = _build._uid_name(info.owner) if info.owner is not None else "you"
+        _row("trusted", f"yes: {where}, owned by {owner}, writable by no one else, no symlinks")
     runtimes = _build.openmp_runtimes_mapped()
     _row("openmp", ", ".join(runtimes) if runtimes else "none mapped")
     if len(runtimes) > 1:
@@ -150,8 +158,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                                                    "ROUNDPIPE_REQUIRE_NATIVE", _threads.SILENCE_ENV)
                 if k in os.environ]
     _row("environment", " ".join(settings) or "no CC or ROUNDPIPE_* variables set")
-    for w in caught:  # the fallback's warning is the "reason" row already
+    for w in caught:  # the fallback's warning is the "reason" row already, an untrusted entry's the "trusted" row
         text = " ".join(str(w.message).split()).removeprefix("roundpipe: ")
+        if text.startswith("not loading the kernel cache entry") and info.untrusted:
+            continue
         if module is not None or not text.startswith("the native Adam kernel is unavailable"):
             print(f"roundpipe: warning: {text}", file=sys.stderr)
     if args.vec:

@@ -27,6 +27,21 @@ Concurrency and recovery:
 * An entry whose artefact does not match the sha256 in its ``meta.json``, or
   does not load, is moved aside and rebuilt.
 
+Trust (the sha256 guards against corruption, not against a writer: anyone can
+compute the key and the hash). Loading a module runs its code, so an entry is
+loaded only when its directory, its ``meta.json`` and its artefact are all
+
+* owned by this process's user or by root,
+* writable by neither group nor others,
+* a real directory and regular files, not symbolic links.
+
+Anything else is skipped without being touched (it may be someone else's),
+with one RuntimeWarning saying whose it is and what is wrong, and the kernel is
+built in a private temporary directory, as for an unwritable root. A root that
+is itself world-writable and sticky (like ``/tmp``) is fine. New entries are
+written to pass: directory 0755, ``meta.json`` 0644, artefact 0755, whatever
+the umask. See ``_open_entry`` for how the check and the load see the same file.
+
 Environment:
   ``ROUNDPIPE_CACHE_DIR``      the cache root (default: platformdirs' user cache)
   ``CC``                       the compiler, with optional arguments (default: cc, gcc, clang)
@@ -47,6 +62,7 @@ import platform
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -88,6 +104,11 @@ COMPILE_FLAGS = [
 ]
 OPENMP_RUNTIME_NAMES = ("libgomp", "libiomp5", "libomp")
 _KEY_RE = re.compile(r"[0-9a-f]{32}")
+ROOT_UID = 0
+# Opening a cache file or directory: never through a symbolic link (O_NOFOLLOW
+# refuses one as the last component), not inherited by exec'd children.
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_OPEN = os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -125,12 +146,15 @@ class KernelInfo:
     build_seconds: float | None = None
     load_seconds: float | None = None
     error: str | None = None
+    owner: int | None = None  # the uid owning the artefact loaded (which passed the trust check)
+    untrusted: str | None = None  # the entry skipped as untrusted, and why
 
 
 INFO = KernelInfo()
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed: BuildError | None = None
+_pinned_fds: list[int] = []  # the loaded artefacts, kept open: see _load
 
 
 def _env_flag(name: str) -> bool:
@@ -353,25 +377,169 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ---- trust -----------------------------------------------------------------
+#
+# Why check through file descriptors: a check by path followed by a load by
+# path leaves a window in which whoever can write the cache root (anyone, for a
+# shared one) could rename our checked entry away and put theirs in its place.
+# So the entry directory is opened (O_NOFOLLOW), fstat'ed and checked first.
+# Once that directory is known to be writable only by us or root, nobody else
+# can add, replace or rename anything inside it, so opening meta.json and the
+# artefact relative to that directory's fd (O_NOFOLLOW again) gets the files
+# that are really in it. The artefact is fstat'ed, checked and hashed from its
+# fd, and dlopen'ed through /proc/self/fd/N: the kernel resolves that to the
+# very file the fd holds, whatever has happened to the names since. The file is
+# owned by us or root and not writable by others, so its bytes cannot change
+# either. Where /proc is missing (macOS, some sandboxes) the load is by path,
+# after the same checks: sound where others cannot rename our entry or the
+# directories above it (a sticky root like /tmp, in a parent that only its
+# owner can write), not in a world-writable root without the sticky bit.
 
 
-def _valid_entry(entry: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
-    """The artefact and meta of a complete, intact cache entry, or None."""
+class _Untrusted(Exception):
+    """A cache entry that someone other than us or root could have written."""
+
+    def __init__(self, problems: list[str], entry: Path | None = None) -> None:
+        self.problems, self.entry = problems, entry
+        super().__init__("; ".join(problems))
+
+    def describe(self) -> str:
+        return f"{self.entry}: {'; '.join(self.problems)}"
+
+
+def _trusted_uids() -> frozenset[int]:
+    """Whose files the cache may load: this process's effective user and root.
+
+    Tests replace this to make their own files look like someone else's (or root's).
+    """
+    return frozenset((os.geteuid(), ROOT_UID))
+
+
+def _uid_name(uid: int) -> str:
     try:
-        meta = json.loads((entry / "meta.json").read_text())
-        artefact = entry / meta["artefact"]
-        if meta.get("key") == key and _sha256(artefact) == meta["sha256"]:
-            return artefact, meta
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return None
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _problems(st: os.stat_result, what: str, owners: frozenset[int], directory: bool) -> list[str]:
+    """What makes this file or directory untrustworthy ([] if nothing)."""
+    problems = []
+    if stat.S_ISLNK(st.st_mode):
+        problems.append(f"{what} is a symbolic link")
+    elif not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+        problems.append(f"{what} is a file, not a directory" if directory else f"{what} is not a regular file")
+    if st.st_uid not in owners:
+        problems.append(f"{what} is owned by {_uid_name(st.st_uid)}")
+    writers = [who for bit, who in ((stat.S_IWGRP, "group"), (stat.S_IWOTH, "others")) if st.st_mode & bit]
+    if writers:
+        problems.append(f"{what} is writable by {' and '.join(writers)}")
+    return problems
+
+
+def _open_checked(name: str, what: str, owners: frozenset[int], directory: bool,
+                  dir_fd: int | None = None) -> int | None:
+    """Open name (relative to dir_fd) without following a symlink, and check it.
+
+    Returns the fd; None if it is missing or cannot be opened but has nothing
+    wrong with it (then it is ours and may be rebuilt). Raises _Untrusted.
+    """
+    # O_NONBLOCK: a FIFO planted as a file must not hang the open (no effect on regular files).
+    flags = _O_OPEN | (os.O_DIRECTORY if directory else os.O_NONBLOCK)
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError:  # ELOOP: a symlink; ENOTDIR: not a directory; EACCES: not ours to read
+        try:
+            problems = _problems(os.lstat(name, dir_fd=dir_fd), what, owners, directory)
+        except OSError:
+            return None
+        if problems:
+            raise _Untrusted(problems) from None
+        return None
+    problems = _problems(os.fstat(fd), what, owners, directory)
+    if problems:
+        os.close(fd)
+        raise _Untrusted(problems)
+    return fd
+
+
+@dataclass
+class _Found:
+    """A complete, intact, trusted cache entry."""
+
+    artefact: Path
+    meta: dict[str, Any]
+    fd: int  # the artefact that was checked and hashed, still open: load this one
+
+
+def _open_entry(entry: Path, key: str, owners: frozenset[int]) -> _Found | None:
+    """The entry's artefact (open) and meta if it is complete, intact and trusted.
+
+    None if it is missing or corrupt (and ours: it may be rebuilt in place).
+    Raises _Untrusted, having touched nothing, if any part of it is a symlink,
+    owned by someone not in owners, or writable by group or others.
+    """
+    try:
+        dir_fd = _open_checked(str(entry), "the directory", owners, directory=True)
+        if dir_fd is None:
+            return None
+        try:
+            meta_fd = _open_checked("meta.json", "meta.json", owners, False, dir_fd)
+            if meta_fd is None:
+                return None
+            try:
+                with open(meta_fd, "rb") as f:  # closes meta_fd
+                    meta = json.loads(f.read())
+                name, sha256 = meta["artefact"], meta["sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            if meta.get("key") != key or not isinstance(name, str) or name in ("", ".", "..") or "/" in name:
+                return None  # the artefact must be a plain name inside this directory
+            fd = _open_checked(name, name, owners, False, dir_fd)
+            if fd is None:
+                return None
+            try:
+                with open(fd, "rb", closefd=False) as f:
+                    intact = hashlib.sha256(f.read()).hexdigest() == sha256
+            except OSError:
+                intact = False
+            if not intact:
+                os.close(fd)
+                return None
+            return _Found(entry / name, meta, fd)
+        finally:
+            os.close(dir_fd)
+    except _Untrusted as exc:
+        exc.entry = entry
+        raise
+
+
+def _load(found: _Found) -> ModuleType:
+    """Load the module from the checked file itself (see the trust notes above).
+
+    The fd stays open afterwards: Python caches single-phase extension modules
+    by path, so a /proc/self/fd/N name must never come to mean another file.
+    """
+    path = f"/proc/self/fd/{found.fd}"
+    try:
+        if not os.path.exists(path):  # no /proc: by name, checked just before
+            path = str(found.artefact)
+        loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, path)
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
+        if spec is None:
+            raise ImportError(f"cannot load {found.artefact}")
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except BaseException:
+        os.close(found.fd)
+        raise
+    module.__file__ = str(found.artefact)  # for people; the loader used the fd
+    _pinned_fds.append(found.fd)
+    return module
 
 
 def _discard(entry: Path) -> None:
@@ -379,16 +547,27 @@ def _discard(entry: Path) -> None:
 
     Called only under the key's lock.
     """
-    if entry.exists():
+    if os.path.lexists(entry):
         trash = entry.with_name(f"{entry.name}.broken-{os.getpid()}-{time.monotonic_ns()}")
         os.replace(entry, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
 
 def _sweep(root: Path, key: str) -> None:
-    """Delete what builders of this key killed mid-way left behind (under the key's lock)."""
+    """Delete what builders of this key killed mid-way left behind (under the key's lock).
+
+    Only what we or root own: in a shared root, other users' leftovers are theirs.
+    """
+    owners = _trusted_uids()
     for stale in [*root.glob(f".build-{key}-*"), *root.glob(f"{key}.broken-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if os.lstat(stale).st_uid in owners:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _no_fcntl() -> BuildError:
+    return BuildError("building the kernel needs fcntl file locks, which this platform lacks",
+                      fix="use Linux or macOS; roundpipe.optim.Adam works here as torch's fused Adam")
 
 
 class _FileLock:
@@ -399,11 +578,14 @@ class _FileLock:
 
     def __enter__(self) -> "_FileLock":
         if fcntl is None:
-            raise BuildError("building the kernel needs fcntl file locks, which this platform lacks",
-                             fix="use Linux or macOS; roundpipe.optim.Adam works here as torch's fused Adam")
+            raise _no_fcntl()
         deadline = time.monotonic() + self.timeout
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # O_NOFOLLOW: in a shared root, a lock "file" may be someone's symlink
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                raise BuildError(f"cannot open the build lock {self.path} ({exc.strerror or exc})",
+                                 fix="remove it, or set ROUNDPIPE_CACHE_DIR to a directory of your own") from None
             try:
                 while True:
                     try:
@@ -420,7 +602,7 @@ class _FileLock:
                 # `clean` deletes lock files while holding them: if ours was deleted,
                 # lock the one now at the path instead.
                 try:
-                    st, cur = os.fstat(fd), os.stat(self.path)
+                    st, cur = os.fstat(fd), os.lstat(self.path)
                     same = (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
                 except FileNotFoundError:
                     same = False
@@ -461,8 +643,9 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
     """Load the kernel for this host from the cache, building it first if needed.
 
     force: rebuild even if the cache holds an intact entry.
-    allow_private: if the cache root is not writable, build in a temporary
-    directory (with one RuntimeWarning) instead of raising BuildError.
+    allow_private: if the cache root is not writable, or its entry for this
+    host is not trusted, build in a temporary directory (with one
+    RuntimeWarning) instead of raising BuildError.
     """
     t0 = time.perf_counter()
     cc = compiler_command()
@@ -470,79 +653,113 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
     key = cache_key(inputs)
     root = cache_root()
     INFO.key, INFO.key_inputs, INFO.cache_root, INFO.private_root = key, inputs, str(root), False
+    INFO.untrusted = None
+    if fcntl is None:  # Windows: no locks, and no uids for the trust check either
+        raise _no_fcntl()
     private: Path | None = None
     try:
         if _env_flag("ROUNDPIPE_NO_CACHE"):
             private = root = Path(tempfile.mkdtemp(prefix="roundpipe-"))
-        elif not force:
-            # The warm path: an intact entry loads without a lock or a write.
-            found = _valid_entry(root / key, key)
-            if found is not None:
-                try:
-                    module = _load(found[0])
-                except ImportError:  # hashed right, does not load: rebuild it below
-                    force = True
-                else:
-                    _loaded(found[0], True, found[1].get("build_seconds"), t0)
-                    return module
-        if private is None:
-            error = _unwritable(root)
-            if error is not None:
+        else:
+            owners = _trusted_uids()
+            try:
+                if not force:
+                    # The warm path: an intact, trusted entry loads without a lock or a write.
+                    found = _open_entry(root / key, key, owners)
+                    if found is not None:
+                        try:
+                            module = _load(found)
+                        except ImportError:  # hashed right, does not load: rebuild it below
+                            force = True
+                        else:
+                            _loaded(found, True, t0)
+                            return module
+                error = _unwritable(root)
+                if error is None:
+                    return _build_or_reuse(root, key, inputs, cc, force, t0, owners)
                 why = error.strerror or str(error)
                 if not allow_private:
                     raise BuildError(f"the cache directory {root} is not writable ({why})",
                                      fix="set ROUNDPIPE_CACHE_DIR to a writable directory")
-                private = Path(tempfile.mkdtemp(prefix="roundpipe-"))
-                warnings.warn(
-                    f"roundpipe: the kernel cache {root} is not writable ({why}); building the kernel "
-                    f"in {private} for this process only. Set ROUNDPIPE_CACHE_DIR to a writable directory.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                root = private
-        INFO.cache_root, INFO.private_root = str(root), private is not None
-        return _build_or_reuse(root, key, inputs, cc, force, t0)
+                problem = f"the kernel cache {root} is not writable ({why})"
+                fix = "Set ROUNDPIPE_CACHE_DIR to a writable directory."
+            except _Untrusted as exc:  # raised before anything of that entry was touched
+                INFO.untrusted = exc.describe()
+                remedy = ("have that entry removed (by its owner or root), or set ROUNDPIPE_CACHE_DIR "
+                          "to a directory of your own")
+                if not allow_private:
+                    raise BuildError(f"the kernel cache entry {exc.describe()}, so it is not trusted",
+                                     fix=remedy) from None
+                fix = f"To use the cache, {remedy}."
+                problem = (f"not loading the kernel cache entry {exc.describe()}: only entries owned by "
+                           "you or root and writable by no one else are loaded. It was left as is")
+            private = root = Path(tempfile.mkdtemp(prefix="roundpipe-"))
+            warnings.warn(
+                f"roundpipe: {problem}; building the kernel in {private} for this process only. {fix}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        INFO.cache_root, INFO.private_root = str(root), True
+        # A private directory is ours alone (mkdtemp: mode 0700): trust only this process's user there.
+        return _build_or_reuse(root, key, inputs, cc, force, t0, frozenset((os.geteuid(),)))
     finally:
         if private is not None:  # the loaded module stays mapped; nothing leaks
             shutil.rmtree(private, ignore_errors=True)
 
 
 def _build_or_reuse(root: Path, key: str, inputs: dict[str, Any], cc: list[str], force: bool,
-                    t0: float) -> ModuleType:
+                    t0: float, owners: frozenset[int]) -> ModuleType:
     entry, rebuild = root / key, force
     for attempt in range(2):
         with _FileLock(root / f"{key}.lock"):
             _sweep(root, key)
-            found = None if rebuild else _valid_entry(entry, key)  # maybe another process built it
+            # Maybe another process built it meanwhile. Checked even when rebuilding:
+            # an entry that is not ours (_Untrusted) must not be discarded either.
+            found = _open_entry(entry, key, owners)
+            if found is not None and rebuild:
+                os.close(found.fd)
+                found = None
+            from_cache = found is not None
             if found is None:
                 _discard(entry)
-                artefact, seconds = _build_entry(root, entry, key, inputs, cc)
-                from_cache = False
-            else:
-                (artefact, meta), from_cache = found, True
-                seconds = meta.get("build_seconds")
+                _build_entry(root, entry, key, inputs, cc)
+                # Checked like any entry: in a shared root, the moment between
+                # os.replace and the load is one where others could swap it.
+                found = _open_entry(entry, key, owners)
+                if found is None:
+                    raise BuildError(f"the freshly built kernel {entry} vanished or changed before it was loaded",
+                                     fix="check that nothing else deletes files under ROUNDPIPE_CACHE_DIR")
         try:
-            module = _load(artefact)
+            module = _load(found)
         except ImportError as exc:  # a corrupt or foreign binary that still hashed right
             if attempt == 1:
-                raise BuildError(f"the freshly built kernel {artefact} does not load ({exc})",
+                raise BuildError(f"the freshly built kernel {found.artefact} does not load ({exc})",
                                  fix="check that CC builds for this Python") from None
             rebuild = True
             continue
-        _loaded(artefact, from_cache, seconds, t0)
+        _loaded(found, from_cache, t0)
         return module
     raise BuildError(f"the kernel {entry} does not load")  # not reached: attempt 1 returns or raises
 
 
-def _loaded(artefact: Path, from_cache: bool, build_seconds: Any, t0: float) -> None:
-    INFO.artefact, INFO.from_cache = str(artefact), from_cache
+def _loaded(found: _Found, from_cache: bool, t0: float) -> None:
+    build_seconds = found.meta.get("build_seconds")
+    INFO.artefact, INFO.from_cache = str(found.artefact), from_cache
     INFO.build_seconds = float(build_seconds) if isinstance(build_seconds, (int, float)) else None
     INFO.load_seconds = time.perf_counter() - t0
+    try:
+        INFO.owner = os.fstat(found.fd).st_uid  # no name lookup here: NSS can be slow; `info` does it
+    except OSError:
+        INFO.owner = None
 
 
 def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any],
                  cc: list[str]) -> tuple[Path, float]:
-    """Compile into a private directory under root, then move it into place."""
+    """Compile into a private directory under root, then move it into place.
+
+    Modes are set explicitly, whatever the umask, so that the entry passes the
+    trust check (no group or other write bit) and is readable by all.
+    """
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
     try:
@@ -550,6 +767,7 @@ def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any],
         for scratch in work.iterdir():
             if scratch != artefact:
                 scratch.unlink()
+        os.chmod(artefact, 0o755, follow_symlinks=False)  # the linker's mode follows the umask
         seconds = round(time.perf_counter() - t0, 3)  # as meta.json and `info` show it
         meta = {
             "key": key,
@@ -560,7 +778,11 @@ def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any],
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "built_by": f"pid {os.getpid()} on {platform.node()}",
         }
-        (work / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        # O_EXCL | O_NOFOLLOW: a new file, never one that a symlink points to.
+        fd = os.open(work / "meta.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o644)
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, 0o644)  # open's mode was masked by the umask; make it exactly 0644
+            f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         os.chmod(work, 0o755)  # mkdtemp makes it 0700; a shared cache is readable by all
         os.replace(work, entry)  # atomic: the entry appears complete or not at all
     finally:

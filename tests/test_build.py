@@ -225,7 +225,9 @@ def test_a_corrupt_entry_is_rebuilt(how, built, cache):
     _corrupt(entry, how)
     after = import_and_report()
     assert after["native"] and not after["from_cache"] and after["key"] == entry.name
-    assert _build._valid_entry(entry, entry.name) is not None
+    found = _build._open_entry(entry, entry.name, _build._trusted_uids())  # intact and trusted again
+    assert found is not None
+    os.close(found.fd)
     assert not [p for p in cache.iterdir() if ".broken-" in p.name or p.name.startswith(".build-")]
 
 
