@@ -174,14 +174,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _vectorization_report() -> None:
     cc = _build.compiler_command()
     flags = [f for f in _build.COMPILE_FLAGS if f != "-w"]
-    cmd = [*cc, *flags, "-fopt-info-vec-optimized", "-c", str(_build.KERNEL_SOURCE), "-o", os.devnull]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=_build.COMPILE_TIMEOUT_S)
-    if res.returncode != 0:
-        raise CommandError(f"the vectorization report needs gcc: {shlex.join(cmd)} exited {res.returncode}")
-    lines = [ln for ln in res.stderr.splitlines() if "adam.c" in ln]
-    print(f"\nvectorized loops in adam.c ({len(lines)}):")
-    for line in lines:
-        print("  " + line.replace(str(_build.KERNEL_DIR) + os.sep, ""))
+    for source in _build.kernel_sources():
+        cmd = [*cc, *flags, "-I" + str(_build.KERNEL_DIR), "-fopt-info-vec-optimized", "-c", str(source),
+               "-o", os.devnull]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=_build.COMPILE_TIMEOUT_S)
+        if res.returncode != 0:
+            raise CommandError(f"the vectorization report needs gcc: {shlex.join(cmd)} exited {res.returncode}")
+        # runner.h's loops are reported where they are inlined, under runner.h's name
+        lines = sorted({ln for ln in res.stderr.splitlines() if source.name in ln or "runner.h" in ln})
+        print(f"\nvectorized loops in {source.name} ({len(lines)}):")
+        for line in lines:
+            print("  " + line.replace(str(_build.KERNEL_DIR) + os.sep, ""))
 
 
 def _probe(mode: str, cache_dir: str) -> dict[str, Any]:

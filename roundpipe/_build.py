@@ -51,6 +51,7 @@ Environment:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import importlib.machinery
@@ -81,11 +82,14 @@ except ImportError:  # Windows: no fcntl; the build fails and Adam falls back to
     fcntl = None  # type: ignore[assignment]
 
 CACHE_VERSION = "2"
-MODULE_NAME = "_roundpipe_adam"
+MODULE_NAME = "_roundpipe_kernels"
 KERNEL_DIR = Path(__file__).resolve().parent / "_kernels"
-KERNEL_SOURCE = KERNEL_DIR / "adam.c"
-KERNEL_HEADER = KERNEL_DIR / "adam.h"  # doubles as the cffi cdef
-CFFI_SOURCE = '#include "adam.c"'  # what cffi's generated wrapper compiles
+# The engine's C (engine.c, with runner.h inlined into every rule) and one file per update
+# rule, each NAME.c with its interface in NAME.h. A new rule's files are picked up here.
+ENGINE_SOURCE = KERNEL_DIR / "engine.c"
+ENGINE_HEADER = KERNEL_DIR / "engine.h"
+KERNEL_SOURCE = KERNEL_DIR / "adam.c"  # Adam's rule (tests compile it alone)
+KERNEL_HEADER = KERNEL_DIR / "adam.h"
 COMPILE_TIMEOUT_S = 240.0  # per compiler command; a build takes ~1 s
 LOCK_TIMEOUT_S = 600.0  # > compile + link: waiting longer means the holder is stuck
 CPUINFO = "/proc/cpuinfo"  # the CPU flag source on Linux (tests point it at fakes)
@@ -289,13 +293,29 @@ def _link_args(runtime: str | None) -> list[str]:
     return ["-fopenmp", "-lm", *darwin]  # no runtime loaded yet: the compiler's own
 
 
+def kernel_sources() -> list[Path]:
+    """Every C file of the module: the engine's first, then the rules' in name order."""
+    return [ENGINE_SOURCE, *sorted(p for p in KERNEL_DIR.glob("*.c") if p != ENGINE_SOURCE)]
+
+
+def cdef_headers() -> list[Path]:
+    """The headers cffi's cdef reads: the engine's, then each rule's NAME.h beside its NAME.c."""
+    return [ENGINE_HEADER, *(p.with_suffix(".h") for p in kernel_sources()[1:])]
+
+
+def cffi_source() -> str:
+    """What cffi's generated wrapper compiles: the declarations only; the code is linked in."""
+    return "".join(f'#include "{h.name}"\n' for h in cdef_headers())
+
+
 def key_inputs(cc: list[str] | None = None) -> dict[str, Any]:
     """Everything that affects the built binary."""
     cc = cc or compiler_command()
     import _cffi_backend  # the extension cffi's modules load; cffi checks its version equals cffi's
 
     source = hashlib.sha256()
-    for part in (KERNEL_SOURCE.read_bytes(), KERNEL_HEADER.read_bytes(), CFFI_SOURCE.encode()):
+    files = sorted(p for p in KERNEL_DIR.iterdir() if p.suffix in (".c", ".h"))
+    for part in (*(f.name.encode() + b"\0" + f.read_bytes() for f in files), cffi_source().encode()):
         source.update(hashlib.sha256(part).digest())
     runtime = openmp_runtime()
     return {
@@ -306,7 +326,7 @@ def key_inputs(cc: list[str] | None = None) -> dict[str, Any]:
         "compiler_version": compiler_version(cc),
         "compile_flags": COMPILE_FLAGS,
         "link_flags": _link_args(runtime),
-        "source_sha256": source.hexdigest(),  # adam.c, adam.h (the cdef), cffi's wrapper source
+        "source_sha256": source.hexdigest(),  # every .c and .h under _kernels, cffi's wrapper source
         "python_abi": sys.implementation.cache_tag + " " + importlib.machinery.EXTENSION_SUFFIXES[0],
         "cffi_version": _cffi_backend.__version__,
         "openmp_runtime": runtime,
@@ -333,43 +353,62 @@ def cache_root() -> Path:
 
 
 def _emit_c(path: Path) -> None:
-    """cffi out-of-line API mode: the Python wrapper around adam.c, as C source."""
+    """cffi out-of-line API mode: the Python wrapper around the kernels' declarations, as C source."""
     import cffi
 
     ffi = cffi.FFI()
-    ffi.cdef(KERNEL_HEADER.read_text())
-    ffi.set_source(MODULE_NAME, CFFI_SOURCE)
+    ffi.cdef("\n".join(h.read_text() for h in cdef_headers()))
+    ffi.set_source(MODULE_NAME, cffi_source())
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "generating ..."
         ffi.emit_c_code(str(path))  # writes a file; unlike ffi.compile, no os.chdir
 
 
+def _compiler_failed(cmd: list[str], res: subprocess.CompletedProcess | None, exc: BaseException | None) -> BuildError:
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return BuildError(f"the compiler ran over {COMPILE_TIMEOUT_S:.0f} s: {shlex.join(cmd)}",
+                          fix="check that CC is a working C compiler")
+    if exc is not None or res is None:
+        return BuildError(f"could not run {cmd[0]} ({exc})", fix=_NO_COMPILER_FIX)
+    output = (res.stderr.strip() + "\n" + res.stdout.strip()).strip()
+    return BuildError(
+        f"compiling the kernel failed ({cmd[0]} exited {res.returncode})",
+        details="\n".join(output.splitlines()[-12:]) or "(the compiler printed nothing)",
+        fix="install gcc with OpenMP and the Python headers (e.g. `apt-get install gcc "
+        "python3-dev`), or set CC to a working C compiler",
+    )
+
+
+def _run_all(cmds: list[list[str]], workdir: Path) -> None:
+    """Run compiler commands side by side (one per core at most); raise the first failure."""
+    def run(cmd: list[str]) -> BuildError | None:
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, timeout=COMPILE_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return _compiler_failed(cmd, None, exc)
+        return None if res.returncode == 0 else _compiler_failed(cmd, res, None)
+
+    workers = max(1, min(len(cmds), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # threads wait on processes: no GIL work
+        errors = [e for e in pool.map(run, cmds) if e is not None]
+    if errors:
+        raise errors[0]
+
+
 def compile_kernel(workdir: Path, cc: list[str], link_flags: list[str]) -> Path:
-    """Compile the extension module into workdir and return its path."""
+    """Compile the extension module into workdir and return its path.
+
+    Each C file is its own translation unit, compiled in parallel (the build is most of a
+    cold import); cffi's wrapper holds only the declarations, and the link joins them.
+    """
     c_file = workdir / (MODULE_NAME + ".c")
-    obj = workdir / (MODULE_NAME + ".o")
     out = workdir / (MODULE_NAME + importlib.machinery.EXTENSION_SUFFIXES[0])
     _emit_c(c_file)
     includes = ["-I" + str(KERNEL_DIR), "-I" + sysconfig.get_paths()["include"]]
-    cmds = [
-        [*cc, *COMPILE_FLAGS, *includes, "-c", str(c_file), "-o", str(obj)],
-        [*cc, "-shared", str(obj), "-o", str(out), *link_flags],
-    ]
-    for cmd in cmds:
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, timeout=COMPILE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise BuildError(f"the compiler ran over {COMPILE_TIMEOUT_S:.0f} s: {shlex.join(cmd)}",
-                             fix="check that CC is a working C compiler") from None
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise BuildError(f"could not run {cmd[0]} ({exc})", fix=_NO_COMPILER_FIX) from None
-        if res.returncode != 0:
-            output = (res.stderr.strip() + "\n" + res.stdout.strip()).strip()
-            raise BuildError(
-                f"compiling the kernel failed ({cmd[0]} exited {res.returncode})",
-                details="\n".join(output.splitlines()[-12:]) or "(the compiler printed nothing)",
-                fix="install gcc with OpenMP and the Python headers (e.g. `apt-get install gcc "
-                "python3-dev`), or set CC to a working C compiler",
-            )
+    sources = [c_file, *kernel_sources()]
+    objects = [workdir / f"{i}-{src.stem}.o" for i, src in enumerate(sources)]
+    _run_all([[*cc, *COMPILE_FLAGS, *includes, "-c", str(src), "-o", str(obj)]
+              for src, obj in zip(sources, objects, strict=True)], workdir)
+    _run_all([[*cc, "-shared", *map(str, objects), "-o", str(out), *link_flags]], workdir)
     return out
 
 

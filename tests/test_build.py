@@ -294,13 +294,19 @@ def test_the_key_covers_every_input():
 def test_the_key_covers_the_source_and_cdef(tmp_path, monkeypatch):
     needs_compiler()
     before = _build.key_inputs()["source_sha256"]
-    for attr in ("KERNEL_SOURCE", "KERNEL_HEADER"):
-        original = getattr(_build, attr)
-        copy = tmp_path / original.name
-        copy.write_bytes(original.read_bytes() + b"\n/* edited */\n")
+    kernels = tmp_path / "_kernels"
+    shutil.copytree(_build.KERNEL_DIR, kernels)
+    names = sorted(p.name for p in kernels.iterdir() if p.suffix in (".c", ".h"))
+    assert {"engine.c", "engine.h", "runner.h", "adam.c", "adam.h"} <= set(names)
+    for name in names:  # every C file and header, the cdef's among them
+        original = (kernels / name).read_bytes()
+        (kernels / name).write_bytes(original + b"\n/* edited */\n")
         with monkeypatch.context() as mp:
-            mp.setattr(_build, attr, copy)
-            assert _build.key_inputs()["source_sha256"] != before, attr
+            mp.setattr(_build, "KERNEL_DIR", kernels)
+            mp.setattr(_build, "ENGINE_SOURCE", kernels / "engine.c")
+            mp.setattr(_build, "ENGINE_HEADER", kernels / "engine.h")
+            assert _build.key_inputs()["source_sha256"] != before, name
+        (kernels / name).write_bytes(original)
 
 
 def test_cc_with_arguments_is_one_compiler_identity(monkeypatch):

@@ -146,18 +146,20 @@ def test_step_indexes_above_2_32_in_reserved_address_space():
     step = torch.zeros((), dtype=torch.float32)
     tensors = ffi.new("rp_tensor[]", 1)
     t = tensors[0]
-    for k in names:
-        base = view[k][0].data_ptr()  # window 0 starts at element 0
-        setattr(t, k, ffi.cast("void *", base))
+    t.param = ffi.cast("void *", view["param"][0].data_ptr())  # window 0 starts at element 0
+    t.grad = ffi.cast("void *", view["grad"][0].data_ptr())
+    for j, k in enumerate(names[2:]):  # Adam's state slots: exp_avg, exp_avg_sq, max_exp_avg_sq
+        t.state[j] = ffi.cast("void *", view[k][0].data_ptr())
     t.step = ffi.cast("float *", step.data_ptr())
     t.numel = N
     chunks = ffi.new("rp_chunk[]", len(WINDOWS))
     for c, (b, e) in zip(chunks, WINDOWS):
         c.tensor, c.begin, c.end = 0, b, e
-    h = ffi.new("rp_hyper *")
+    h = ffi.new("rp_adam_hyper *")
     h.lr, h.beta1, h.beta2, h.eps, h.weight_decay = 1e-2, 0.9, 0.999, 1e-8, 0.1
     h.amsgrad, h.maximize, h.decoupled_weight_decay = 1, 0, 0
-    h.num_threads, h.serial_below, h.torch_vec = 2, 0, rp_adam._TORCH_VEC
+    run = ffi.new("rp_run_opts *")
+    run.num_threads, run.serial_below, run.torch_vec = 2, 0, rp_adam._TORCH_VEC
 
     # torch fused on each window alone: the windows start on multiples of 8, so torch's vector
     # loop and scalar tail see the same elements as in the whole tensor
@@ -167,7 +169,7 @@ def test_step_indexes_above_2_32_in_reserved_address_space():
         for w, r in zip(view["grad"], refs):
             w.copy_(torch.randn(w.shape, generator=gen))
             r.grad = w.clone()
-        assert lib.rp_adam_step(h, tensors, 1, chunks, len(WINDOWS)) == 1
+        assert lib.rp_adam_step(run, h, tensors, 1, chunks, len(WINDOWS)) == 1
         for o in ref_opts:
             o.step()
     assert step.item() == 3.0

@@ -19,25 +19,15 @@
  *    a libm call guarded by an errno branch (4x slower loop). No other math
  *    relaxation: NaN and Inf must propagate exactly as in torch.
  *  - All indices and sizes are int64_t: tensors above 2^31 elements work.
- *  - One OpenMP parallel region per param group; threads pull chunks from a
- *    shared counter. Results never depend on the thread count, because every
- *    element is computed by the same code whichever chunk it falls in.
- *  - Only GOMP_parallel and omp_get_* are used from the OpenMP runtime, so
- *    the module runs against any libgomp, including the one the torch wheel
- *    ships (see _build.py, which links against the runtime torch loaded).
+ *  - The scheduling (chunks, threads, fork) and the dtype conversions are the
+ *    engine's, shared by every rule: runner.h. This file is Adam's rule.
  */
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
-
+#include "runner.h"
 #include "adam.h"
 
-#ifdef __F16C__
-#include <immintrin.h> /* fp16 <-> fp32 conversion only: adam_f16_direct, load_block */
-#endif
+/* Adam's state slots in rp_tensor.state, in the order of Adam._state_keys */
+enum { EXP_AVG = 0, EXP_AVG_SQ = 1, MAX_EXP_AVG_SQ = 2 };
 
-#define RP_BLOCK 512 /* elements staged per conversion block: 5 x 2 KiB of L1 */
 
 /* Scalars of one tensor's step, all already rounded to float the way torch
    rounds them (double math first, then one conversion). */
@@ -53,40 +43,6 @@ typedef struct {
     int maximize, coupled_decay, decoupled_decay;
     float grad_scale;
 } rp_consts;
-
-static float float_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-/* Element access for the direct loops below. dt is a compile-time constant
-   at every call site (always_inline), so each variant compiles to plain
-   loads and stores: bf16 <-> fp32 is a 16-bit shift one way and integer
-   round-to-nearest-even the other, which GCC vectorizes inline. (GCC 12 does
-   not vectorize fp16 conversions without AVX512-FP16: fp16 has its own loops,
-   adam_f16_direct, or goes through staging.) */
-static inline __attribute__((always_inline)) float load_elem(const void *base, int dt, int64_t i)
-{
-    if (dt == RP_BF16) return float_from_bits((uint32_t)((const uint16_t *)base)[i] << 16);
-    return ((const float *)base)[i];
-}
-
-/* fp32 -> bf16, rounded to nearest even. torch writes a NaN two ways: its
-   vector conversion (cvtfp32_bf16, also behind .to() and copy_()) as 0xFFFF,
-   the scalar c10::BFloat16 of its fused tail loop as 0x7FC0. */
-#define RP_BF16_NAN_VEC 0xFFFFu
-#define RP_BF16_NAN_SCALAR 0x7FC0u
-static inline __attribute__((always_inline)) uint16_t bf16_from_float(float x, uint32_t nan_bits)
-{
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(x != x ? nan_bits : r);
-}
-
-static inline __attribute__((always_inline)) void store_elem(void *base, int dt, int64_t i, float x)
-{
-    /* bf16 is stored by the direct loops only, which run torch's vector elements */
-    if (dt == RP_BF16) ((uint16_t *)base)[i] = bf16_from_float(x, RP_BF16_NAN_VEC);
-    else ((float *)base)[i] = x;
-}
 
 /* The Adam update over n elements, computed in fp32. p, g, m, v, vmax point
    at arrays of dtype pdt (p and g), mdt (m) and vdt (v, vmax): the tensors
@@ -286,69 +242,6 @@ static void adam_f16_direct(int64_t n, uint16_t *p, float *master, uint16_t *g, 
 }
 #endif
 
-/* ---- dtype conversion for the staging blocks ---------------------------- */
-
-/* One fp16 value: the F16C instruction when there is one (the same rounding
-   as the vector path), else the compiler's _Float16 conversion (RNE too). */
-static inline float half_to_float(uint16_t h)
-{
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    _Float16 f;
-    memcpy(&f, &h, 2);
-    return (float)f;
-#endif
-}
-
-static inline uint16_t float_to_half(float x)
-{
-#ifdef __F16C__
-    return (uint16_t)_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
-#else
-    _Float16 f = (_Float16)x;
-    uint16_t h;
-    memcpy(&h, &f, 2);
-    return h;
-#endif
-}
-
-static void load_block(float *restrict dst, const void *src, int dtype, int64_t n)
-{
-    if (dtype == RP_BF16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int64_t i = 0; i < n; i++) dst[i] = float_from_bits((uint32_t)s[i] << 16);
-    } else {
-        const uint16_t *s = (const uint16_t *)src;
-        int64_t i = 0;
-#ifdef __F16C__
-        /* GCC 12 does not vectorize _Float16 conversions without AVX512-FP16
-           (fp16 steps ran 3x slower than bf16): convert 8 at a time by hand. */
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
-#endif
-        for (; i < n; i++) dst[i] = half_to_float(s[i]);
-    }
-}
-
-/* nan_bits: what a bf16 NaN is written as (see bf16_from_float). */
-static void store_block(void *dst, int dtype, const float *restrict src, int64_t n, uint32_t nan_bits)
-{
-    if (dtype == RP_BF16) {
-        uint16_t *d = (uint16_t *)dst;
-        for (int64_t i = 0; i < n; i++) d[i] = bf16_from_float(src[i], nan_bits);
-    } else { /* round to nearest even, as torch's c10::Half */
-        uint16_t *d = (uint16_t *)dst;
-        int64_t i = 0;
-#ifdef __F16C__
-        for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i *)(d + i),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-        for (; i < n; i++) d[i] = float_to_half(src[i]);
-    }
-}
-
 /* 1 for the layouts torch's own fused kernel steps in half precision: a bf16
    or fp16 param without a master, with moments of its dtype. Its rules (16
    lanes, its tail's bf16 NaN, maximize as a sign flip) apply there; every
@@ -356,8 +249,8 @@ static void store_block(void *dst, int dtype, const float *restrict src, int64_t
    as the torch fallback (_torch_fused_step) computes it. */
 static int torch_half_layout(const rp_tensor *t)
 {
-    return t->param_dtype != RP_F32 && !t->master && t->exp_avg_dtype == t->param_dtype &&
-           t->exp_avg_sq_dtype == t->param_dtype;
+    return t->param_dtype != RP_F32 && !t->master && t->state_dtype[EXP_AVG] == t->param_dtype &&
+           t->state_dtype[EXP_AVG_SQ] == t->param_dtype;
 }
 
 /* Elements [b, e) of one tensor. fp32 tensors are updated directly; any other
@@ -366,15 +259,15 @@ static int torch_half_layout(const rp_tensor *t)
 static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k,
                       int amsgrad, int unscale, int64_t torch_vec)
 {
-    const int pdt = t->param_dtype, mdt = t->exp_avg_dtype, vdt = t->exp_avg_sq_dtype;
+    const int pdt = t->param_dtype, mdt = t->state_dtype[EXP_AVG], vdt = t->state_dtype[EXP_AVG_SQ];
     /* torch's half-precision kernels run twice as many lanes as its fp32 one;
        with a master copy the reference is torch's fp32 step on the master. */
     const int64_t tv = torch_half_layout(t) ? 2 * torch_vec : torch_vec;
     const int64_t tail_start = tv > 1 ? t->numel - t->numel % tv : t->numel;
     if (pdt == RP_F32 && mdt == RP_F32 && vdt == RP_F32 && !t->master) {
-        adam_fp32(b, e - b, tail_start, (float *)t->param + b, (float *)t->grad + b, (float *)t->exp_avg + b,
-                  (float *)t->exp_avg_sq + b,
-                  amsgrad ? (float *)t->max_exp_avg_sq + b : NULL, k, amsgrad, unscale);
+        adam_fp32(b, e - b, tail_start, (float *)t->param + b, (float *)t->grad + b, (float *)t->state[EXP_AVG] + b,
+                  (float *)t->state[EXP_AVG_SQ] + b,
+                  amsgrad ? (float *)t->state[MAX_EXP_AVG_SQ] + b : NULL, k, amsgrad, unscale);
         return;
     }
     const size_t psz = pdt == RP_F32 ? 4 : 2, msz = mdt == RP_F32 ? 4 : 2, vsz = vdt == RP_F32 ? 4 : 2;
@@ -385,7 +278,7 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
     if (b < vec_end && bf16_direct_ok(pdt, mdt, vdt, t->master != NULL, amsgrad, unscale)) {
         direct_end = vec_end;
         adam_bf16_direct(direct_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
-                         (uint16_t *)t->grad + b, (char *)t->exp_avg + b * msz, (char *)t->exp_avg_sq + b * vsz,
+                         (uint16_t *)t->grad + b, (char *)t->state[EXP_AVG] + b * msz, (char *)t->state[EXP_AVG_SQ] + b * vsz,
                          mdt, k);
     }
 #ifdef __F16C__
@@ -393,7 +286,7 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
     else if (b < vec_end && pdt == RP_F16 && mdt == vdt && mdt == (t->master ? RP_F32 : RP_F16) && !amsgrad) {
         direct_end = b + (vec_end - b) / F16_W * F16_W;
         adam_f16_direct(direct_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
-                        (uint16_t *)t->grad + b, (char *)t->exp_avg + b * msz, (char *)t->exp_avg_sq + b * vsz,
+                        (uint16_t *)t->grad + b, (char *)t->state[EXP_AVG] + b * msz, (char *)t->state[EXP_AVG_SQ] + b * vsz,
                         k, unscale);
     }
 #endif
@@ -407,8 +300,8 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
     for (int64_t s = b; s < e; s += RP_BLOCK) {
         const int64_t n = e - s < RP_BLOCK ? e - s : RP_BLOCK;
         char *param = (char *)t->param + s * psz, *grad = (char *)t->grad + s * psz;
-        char *ea = (char *)t->exp_avg + s * msz, *es = (char *)t->exp_avg_sq + s * vsz;
-        char *ex = amsgrad ? (char *)t->max_exp_avg_sq + s * vsz : NULL;
+        char *ea = (char *)t->state[EXP_AVG] + s * msz, *es = (char *)t->state[EXP_AVG_SQ] + s * vsz;
+        char *ex = amsgrad ? (char *)t->state[MAX_EXP_AVG_SQ] + s * vsz : NULL;
         float *p, *g, *m, *v, *x = NULL;
         if (t->master) p = t->master + s;
         else if (pdt == RP_F32) p = (float *)param;
@@ -439,61 +332,9 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
     }
 }
 
-/* ---- planning ------------------------------------------------------------ */
-
-int64_t rp_plan_chunks(const rp_tensor *tensors, int64_t n_tensors,
-                       int64_t chunk_elems, rp_chunk *out, int64_t capacity)
-{
-    /* Round the chunk to whole cache lines (16 fp32 or 32 half elements are
-       both <= 64 bytes): chunks after the first start 64-byte aligned when the
-       tensor does, so two threads never write the same cache line. */
-    if (chunk_elems < 32) chunk_elems = 32;
-    chunk_elems -= chunk_elems % 32;
-    int64_t count = 0;
-    for (int64_t i = 0; i < n_tensors; i++) {
-        const int64_t numel = tensors[i].numel;
-        for (int64_t b = 0; b < numel; b += chunk_elems) {
-            if (count < capacity) {
-                out[count].tensor = i;
-                out[count].begin = b;
-                out[count].end = numel - b > chunk_elems ? b + chunk_elems : numel;
-            }
-            count++;
-        }
-    }
-    return count;
-}
-
-void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n)
-{
-    for (int64_t i = 0; i < n; i++) tensors[i].grad = (void *)ptrs[i];
-}
-
-/* ---- fork safety ---------------------------------------------------------- */
-
-/* GNU libgomp keeps its worker threads in a pool that fork() does not copy; a
-   child that enters a parallel region waits forever for them. torch has the
-   same problem (its DataLoader workers set one thread for this reason). After
-   fork we never enter an OpenMP region again: the child steps on one thread
-   and gets the same bits (results do not depend on the thread count).
-   This holds for every child, even of a parent that never ran one of our
-   parallel regions: torch's own ops share this libgomp pool, and a child of
-   a parent whose torch ops ran threaded hangs in its first parallel region
-   (measured: torch 2.13, (x*3).sum() in the child never returns). Nothing
-   tells from outside libgomp whether its pool exists (thread counts don't:
-   importing torch starts a thread of its own), so one thread is the only
-   safe choice. */
-static volatile int forked_child = 0;
-static void mark_forked_child(void) { forked_child = 1; }
-__attribute__((constructor)) static void register_fork_handler(void)
-{
-    pthread_atfork(NULL, NULL, mark_forked_child);
-}
-int rp_in_forked_child(void) { return forked_child; }
-
 /* ---- the step -------------------------------------------------------------- */
 
-static void consts_for_group(const rp_hyper *h, rp_consts *k)
+static void consts_for_group(const rp_adam_hyper *h, const rp_run_opts *run, rp_consts *k)
 {
     memset(k, 0, sizeof *k);
     /* torch: exp_avg.lerp_(grad, 1-beta1) with weight w = float(1-beta1);
@@ -513,31 +354,35 @@ static void consts_for_group(const rp_hyper *h, rp_consts *k)
     k->decoupled_decay = h->weight_decay != 0.0 && h->decoupled_weight_decay;
     k->weight_decay = (float)h->weight_decay;
     k->decay_factor = (float)fma(-h->lr, h->weight_decay, 1.0); /* torch's build fuses 1 - lr*wd */
-    k->grad_scale = h->grad_scale ? *h->grad_scale : 1.0f;
+    k->grad_scale = run->grad_scale ? *run->grad_scale : 1.0f;
 }
 
-static void run_chunk(const rp_hyper *h, const rp_tensor *tensors, const rp_chunk *c,
-                      const rp_consts *group)
+typedef struct {
+    rp_consts group;
+    int amsgrad, unscale;
+    int64_t torch_vec;
+} adam_ctx;
+
+static void adam_chunk(const rp_tensor *t, int64_t begin, int64_t end, const void *ctx_)
 {
-    const rp_tensor *t = &tensors[c->tensor];
-    rp_consts k = *group;
-    k.neg_step_size = t->neg_step_size;
-    k.bias_correction2_sqrt = t->bias_correction2_sqrt;
+    const adam_ctx *ctx = ctx_;
+    rp_consts k = ctx->group;
+    k.neg_step_size = t->scalar[0];
+    k.bias_correction2_sqrt = t->scalar[1];
     /* torch's half-precision vector loop flips the grad's sign for maximize even
        where its fp32 loop folds the -1 into the decay FMA (seen as a NaN's sign) */
     if (torch_half_layout(t)) k.maximize_negates = 1;
-    adam_span(t, c->begin, c->end, &k, h->amsgrad != 0, h->grad_scale != NULL, h->torch_vec);
+    adam_span(t, begin, end, &k, ctx->amsgrad, ctx->unscale, ctx->torch_vec);
 }
 
-int rp_adam_step(const rp_hyper *h, rp_tensor *tensors, int64_t n_tensors,
+int rp_adam_step(const rp_run_opts *run, const rp_adam_hyper *h, rp_tensor *tensors, int64_t n_tensors,
                  const rp_chunk *chunks, int64_t n_chunks)
 {
-    if (h->found_inf && *h->found_inf != 0.0f) return 0; /* GradScaler saw inf: skip whole step */
+    if (rp_skipped(run)) return 0;
 
     /* Per-tensor scalars, once per step, in double as torch computes them.
        Tensors usually share a step count, so the last result is reused. */
     float last_step = -1.0f, last_nss = 0.0f, last_bc2 = 0.0f;
-    int64_t total = 0;
     for (int64_t i = 0; i < n_tensors; i++) {
         rp_tensor *t = &tensors[i];
         const float step = *t->step + 1.0f; /* torch._foreach_add_(state_steps, 1) */
@@ -549,69 +394,14 @@ int rp_adam_step(const rp_hyper *h, rp_tensor *tensors, int64_t n_tensors,
             last_bc2 = (float)sqrt(bc2);
             last_step = step;
         }
-        t->neg_step_size = last_nss;
-        t->bias_correction2_sqrt = last_bc2;
-        total += t->numel;
+        t->scalar[0] = last_nss;
+        t->scalar[1] = last_bc2;
     }
-
-    rp_consts group;
-    consts_for_group(h, &group);
-    int threads = h->num_threads;
-    if (forked_child || total < h->serial_below || n_chunks < 2) threads = 1;
-    if (threads <= 1) {
-        for (int64_t c = 0; c < n_chunks; c++) run_chunk(h, tensors, &chunks[c], &group);
-        return 1;
-    }
-    if (threads > n_chunks) threads = (int)n_chunks;
-    /* Threads take the next chunk from a shared counter: no fork/join per
-       tensor, and a thread slowed by a noisy neighbour simply takes fewer. */
-    int64_t next = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        for (;;) {
-            const int64_t c = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-            if (c >= n_chunks) break;
-            run_chunk(h, tensors, &chunks[c], &group);
-        }
-    }
+    adam_ctx ctx;
+    consts_for_group(h, run, &ctx.group);
+    ctx.amsgrad = h->amsgrad != 0;
+    ctx.unscale = run->grad_scale != NULL;
+    ctx.torch_vec = run->torch_vec;
+    rp_run(run, tensors, n_tensors, chunks, n_chunks, adam_chunk, &ctx);
     return 1;
-}
-
-/* ---- roofline probe -------------------------------------------------------- */
-
-#define RP_PROBE_CHUNK 16384 /* elements per chunk, as CHUNK_ELEMS in optim/adam.py */
-
-static void probe_span(float *restrict a, const float *restrict b, float *restrict c,
-                       float *restrict d, int64_t n)
-{
-    for (int64_t i = 0; i < n; i++) {
-        const float x = b[i];
-        a[i] += x;
-        c[i] += x;
-        d[i] += x;
-    }
-}
-
-void rp_roofline_probe(float *a, const float *b, float *c, float *d, int64_t n,
-                       int32_t num_threads)
-{
-    /* Scheduled like rp_adam_step (chunks from a shared counter), so the probe
-       measures memory, not a difference in scheduling. */
-    const int64_t n_chunks = (n + RP_PROBE_CHUNK - 1) / RP_PROBE_CHUNK;
-    if (num_threads < 1 || forked_child) num_threads = 1;
-    if (num_threads == 1 || n_chunks < 2) {
-        probe_span(a, b, c, d, n);
-        return;
-    }
-    int64_t next = 0;
-#pragma omp parallel num_threads(num_threads)
-    {
-        for (;;) {
-            const int64_t k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-            if (k >= n_chunks) break;
-            const int64_t b0 = k * RP_PROBE_CHUNK;
-            const int64_t len = n - b0 < RP_PROBE_CHUNK ? n - b0 : RP_PROBE_CHUNK;
-            probe_span(a + b0, b + b0, c + b0, d + b0, len);
-        }
-    }
 }

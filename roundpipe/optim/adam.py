@@ -1,101 +1,30 @@
-"""``roundpipe.optim.Adam``: torch.optim.Adam's interface over one C call per param group."""
+"""``roundpipe.optim.Adam`` and ``AdamW``: torch's Adam rule on roundpipe's engine (``_engine.py``).
+
+The C loop is ``roundpipe/_kernels/adam.c``; this file holds the signature, the state
+layout, the scalars per step and the torch fallback.
+"""
 
 from __future__ import annotations
 
-import itertools
-import operator
-import sys
-import threading
-import warnings
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim import optimizer as _torch_optimizer
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
-from .. import _build, _threads
+from ._engine import (  # noqa: F401  (CHUNK_ELEMS, SERIAL_BELOW, _TORCH_VEC: read by tests and scripts/bench.py)
+    _LOW_PRECISION,
+    _PARAM_DTYPES,
+    CHUNK_ELEMS,
+    SERIAL_BELOW,
+    _GroupPlan,
+    _scalar,
+    _TORCH_VEC,
+    FusedOptimizer,
+    native_available,
+)
 
 __all__ = ["Adam", "AdamW", "native_available"]
-
-# Elements per chunk: 16 Ki fp32 = 64 KiB per array, 320 KiB for the five
-# arrays an amsgrad step touches, which fits in L2 with room to spare; big
-# enough that taking a chunk from the shared counter costs nothing.
-CHUNK_ELEMS = 16384
-# Param groups with fewer elements run on the calling thread: waking the
-# OpenMP team costs more than it saves. Measured by scripts/bench.py --sweep-serial.
-SERIAL_BELOW = 32768
-
-# torch's fused Adam runs Vectorized<float> of 8 lanes: its kernel is built for
-# AVX2 and not registered for AVX-512 (REGISTER_DISPATCH), and the NEON, SVE256
-# and scalar builds are 8 wide too. The last numel % 8 elements of a tensor go
-# through torch's scalar tail loop, which fuses a different multiply-add; the
-# kernel reproduces that (tests/test_numerics.py checks it against torch).
-_TORCH_VEC = 8
-
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Param dtypes the kernel steps (complex64 as its float32 real view).
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-# Choices for exp_avg_dtype / exp_avg_sq_dtype (None: torch's layout, see _layout).
-_MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
-_DTYPE_OF = operator.attrgetter("dtype")
-# Group options with their signature defaults, for groups loaded without them (__setstate__).
-_GROUP_DEFAULTS: dict[str, Any] = {
-    "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-    "fused": None, "decoupled_weight_decay": False, "master_weights": False, "exp_avg_dtype": None,
-    "exp_avg_sq_dtype": None,
-}
-_BOOL_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
-_IS_CPU = operator.attrgetter("is_cpu")
-_STORAGE_NBYTES = torch.UntypedStorage.nbytes
-
-
-def _dtensor_type() -> type | None:
-    """torch's DTensor class, or None while torch.distributed.tensor is not imported.
-
-    FSDP2 and tensor parallel hand the optimizer DTensors, whose local shards the kernel steps.
-    No DTensor can exist before its module is imported, so look it up instead of importing it:
-    importing torch.distributed.tensor costs over a second.
-    """
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    dt = _dtensor_type()
-    return dt is not None and isinstance(t, dt)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The plain tensor behind t: its local shard for a DTensor (whose data_ptr() is 0), else t."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _local_ptr(t: Tensor) -> int:
-    return _local(t).data_ptr()
-
-
-def _state_column(states: list[dict[str, Any]], key: str) -> list[Tensor]:
-    """state[key] of every param, in C-level passes; masters only where there is one
-    (the fp32 params of a master_weights group have none)."""
-    if key == "master_param":
-        return [t for t in map(operator.methodcaller("get", key), states) if t is not None]
-    return list(map(operator.itemgetter(key), states))
-
-
-def _local_storage(t: Tensor) -> Any:
-    return _local(t).untyped_storage()
-
-
-def native_available() -> bool:
-    """True when steps run in roundpipe's compiled kernel, False on the torch fallback."""
-    return _build.load_kernel() is not None
-
-
-def _scalar(x: float | Tensor) -> float:
-    return x.item() if isinstance(x, Tensor) else float(x)
 
 
 def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str = "") -> None:
@@ -117,140 +46,7 @@ def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, whe
         raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
 
 
-class _GroupPlan:
-    """One param group's tensors as the kernel sees them, reused while nothing changes.
-
-    Built by ``Adam._plan``: the C arrays of tensor pointers and the chunk list
-    live here between steps. A later step checks, with C-speed identity
-    comparisons, that the params, their storage and their state are the ones
-    the arrays point at; grads that are new tensors (``zero_grad()`` sets them
-    to None every step) are validated and only their pointers are updated.
-    """
-
-    def __init__(self, group: dict[str, Any], config: tuple) -> None:
-        self.group = group
-        self.config = config  # (amsgrad, master_weights, exp_avg_dtype, exp_avg_sq_dtype)
-        self.amsgrad: bool = config[0]
-        self.all_grads: list[Tensor | None] = []  # p.grad of every param in the group
-        self.group_params: list[Tensor] = []  # group["params"] when the plan was made
-        self.params: list[Tensor] = []  # those with a grad, in group order
-        self.grads: list[Tensor] = []
-        self.states: list[dict[str, Any]] = []
-        self.state_keys: tuple[str, ...] = ()
-        self.state_tensors: list[list[Tensor]] = []  # per key in state_keys, per param
-        self.group_index: list[int] = []  # slot -> index in group["params"], for messages
-        self.param_sig: tuple = ()  # signature() of params and of grads when the arrays were filled
-        self.param_bytes: list[int] = []  # storage sizes of params, grads and state tensors when the
-        self.grad_bytes: list[int] = []  # arrays were filled: a storage shrunk in place at the same
-        self.state_bytes: list[list[int]] = []  # address (resize_(0), then resize_(m)) must not be written
-        self.state_ptrs: list[list[int]] = []  # data pointers of the state tensors, per key
-        self.grad_sig: tuple = ([], [], [])
-        # Grads checked by _plan that the next run points the C arrays at, and their signature.
-        self.pending_grads: list[Tensor] | None = None
-        self.pending_grad_sig: tuple = ([], [], [])
-        self.pending_grad_bytes: list[int] = []
-        self.param_dtypes: list[torch.dtype] = []  # of self.params, for the bulk grad check
-        self.has_complex = False  # a complex param: its grads may be lazy conjugates
-        self.tensors: Any = None  # rp_tensor[] (native path)
-        self.chunks: Any = None  # rp_chunk[]
-        self.n_chunks = 0
-        self.hyper: Any = None  # rp_hyper *
-        self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
-        self.built = False  # state created and C arrays filled (on the first run)
-        self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
-        self.storage_of: Callable[[Tensor], Any] = Tensor.untyped_storage  # of the local shard for DTensors
-
-    def signature(self, tensors: list[Tensor]) -> tuple[list[int], list[tuple[int, ...]], list[int]]:
-        """Where each tensor's memory is and how it is laid out: what the C arrays depend on."""
-        try:
-            return list(map(self.ptr_of, tensors)), list(map(Tensor.stride, tensors)), list(map(Tensor.numel, tensors))
-        except RuntimeError:  # a tensor without strides or storage (sparse, meta): never matches
-            return [-1] * len(tensors), [()] * len(tensors), [-1] * len(tensors)
-
-    def storage_bytes(self, tensors: list[Tensor]) -> list[int]:
-        """The size in bytes of each tensor's storage (C-level passes; -1 where there is none)."""
-        try:
-            return list(map(_STORAGE_NBYTES, map(self.storage_of, tensors)))
-        except (RuntimeError, NotImplementedError):
-            return [-1] * len(tensors)
-
-    def grads_changed(self, group_params: list[Tensor], all_grads: list[Tensor | None], state: dict) -> bool | None:
-        """Whether some grads are new, or were moved or reshaped in place; None if the plan no longer fits.
-
-        The plan fits while every pointer in its C arrays is still valid: the
-        params (address, strides, size, dtype and storage size), the identity
-        of every state dict and state tensor, and each state tensor's address
-        and storage size (``t.data = ...``, ``t.set_(...)`` and
-        ``t.untyped_storage().resize_()`` keep the object and move its memory).
-        Costs a few C-level passes over the group (about 1.5 us a tensor). When
-        grads changed, they and their signature wait in pending_grads and
-        pending_grad_sig for the checks in _plan.
-        """
-        if not self.built or len(group_params) != len(self.group_params):
-            return None
-        if not all(map(operator.is_, group_params, self.group_params)):
-            return None  # params were added to, removed from or replaced in the group
-        if not all(map(operator.is_, all_grads, self.all_grads)):
-            for g, g0 in zip(all_grads, self.all_grads):
-                if (g is None) != (g0 is None):
-                    return None  # another set of params has grads
-        params = self.params
-        if not all(map(operator.is_, map(_DTYPE_OF, params), self.param_dtypes)):
-            return None  # p.data = p.data.view(other dtype)
-        if self.signature(params) != self.param_sig or self.storage_bytes(params) != self.param_bytes:
-            return None  # a param's storage or shape changed (p.data = ..., resize_)
-        if not all(map(operator.is_, map(state.get, params), self.states)):
-            return None
-        try:
-            for key, tensors, ptrs, nbytes in zip(self.state_keys, self.state_tensors, self.state_ptrs, self.state_bytes):
-                current = _state_column(self.states, key)
-                if not all(map(operator.is_, current, tensors)):
-                    return None  # a state tensor was replaced
-                if list(map(self.ptr_of, current)) != ptrs or self.storage_bytes(current) != nbytes:
-                    return None  # its memory moved under the same object
-        except (KeyError, RuntimeError):
-            return None  # opt.state[p].clear(), or a tensor without storage: the full check decides
-        grads = [g for g in all_grads if g is not None]
-        sig = self.signature(grads)
-        nbytes = self.storage_bytes(grads)
-        if all(map(operator.is_, grads, self.grads)) and sig == self.grad_sig and nbytes == self.grad_bytes:
-            self.pending_grads = None  # any left by a step that raised later were never applied
-            return False
-        self.pending_grads, self.pending_grad_sig, self.pending_grad_bytes = grads, sig, nbytes
-        return True
-
-    def layouts_match(self) -> bool:
-        """True if no pending grad needs a full check: all are plain contiguous CPU tensors of
-        their param's dtype, not lazy conjugate or negative views, with the strides and sizes of
-        the grads they replace (which passed _check_tensor, so they have their param's shape).
-        C-level passes, no Python per tensor: the common case of zero_grad(set_to_none=True),
-        where every grad is new each step. When it fails, _check_tensor decides slot by slot."""
-        grads = self.pending_grads
-        ptrs, strides, numels = self.pending_grad_sig
-        return (
-            strides == self.grad_sig[1] and numels == self.grad_sig[2]
-            and all(ptrs)  # a freed storage (resize_(0)) has a NULL pointer: the full check names it
-            and self.pending_grad_bytes == self.grad_bytes
-            and all(map(operator.is_, map(type, grads), itertools.repeat(Tensor)))
-            and all(map(operator.is_, map(_DTYPE_OF, grads), self.param_dtypes))
-            and all(map(_IS_CPU, grads)) and all(map(Tensor.is_contiguous, grads))
-            and not any(map(Tensor.is_neg, grads))
-            and not (self.has_complex and any(map(Tensor.is_conj, grads)))
-        )
-
-    def changed_slots(self) -> list[int]:
-        """Slots whose pending grad is a new tensor or was moved or reshaped in place."""
-        ptrs, strides, numels = self.pending_grad_sig
-        old_ptrs, old_strides, old_numels = self.grad_sig
-        return [
-            slot for slot, (g, g0, a, a0, b, b0, c, c0, d, d0) in enumerate(zip(
-                self.pending_grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels,
-                self.pending_grad_bytes, self.grad_bytes, strict=True))
-            if g is not g0 or a != a0 or b != b0 or c != c0 or d != d0
-        ]
-
-
-class Adam(Optimizer):
+class Adam(FusedOptimizer):
     r"""Adam on the CPU, in one compiled pass per param group; a drop-in for ``torch.optim.Adam``.
 
     The algorithm is torch's, and fp32 results are bit-identical to
@@ -309,6 +105,20 @@ class Adam(Optimizer):
     fp32 and store in their dtype, bit-identical to torch's fused Adam.
     """
 
+    _NAME = "Adam"
+    _C_STEP = "rp_adam_step"
+    _C_HYPER = "rp_adam_hyper"
+    _PARAM_DTYPES = _PARAM_DTYPES  # complex64 too, stepped as its real view, as in torch
+    _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+        "fused": None, "decoupled_weight_decay": False, "master_weights": False, "exp_avg_dtype": None,
+        "exp_avg_sq_dtype": None,
+    }
+    _BOOL_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+    _STATE_DTYPE_OPTIONS: ClassVar[dict[str, str]] = {
+        "exp_avg": "exp_avg_dtype", "exp_avg_sq": "exp_avg_sq_dtype", "max_exp_avg_sq": "exp_avg_sq_dtype",
+    }
+
     def __init__(
         self,
         params: ParamsT,
@@ -328,35 +138,13 @@ class Adam(Optimizer):
         exp_avg_dtype: torch.dtype | None = None,
         exp_avg_sq_dtype: torch.dtype | None = None,
     ) -> None:
-        _check_hyperparameters(lr, betas, eps, weight_decay)
-        _check_precision_options(master_weights, exp_avg_dtype, exp_avg_sq_dtype)
-        _check_flags({"amsgrad": amsgrad, "maximize": maximize, "capturable": capturable,
-                      "differentiable": differentiable, "decoupled_weight_decay": decoupled_weight_decay,
-                      "foreach": foreach, "fused": fused})
-        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        if isinstance(betas, (tuple, list)) and len(betas) == 2 and \
+                isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
-        if capturable:
-            raise ValueError(
-                "capturable=True is not supported: roundpipe steps CPU tensors, where there is "
-                "no CUDA graph to capture. Use torch.optim.Adam(capturable=True) on GPU."
-            )
-        if differentiable:
-            raise ValueError(
-                "differentiable=True is not supported: the compiled step is not differentiable. "
-                "Use torch.optim.Adam(differentiable=True) to differentiate through the step."
-            )
-        for name, value in (("foreach", foreach), ("fused", fused)):
-            if value is not None:
-                warnings.warn(
-                    f"roundpipe.optim.Adam ignores {name}={value!r}: its step is always one fused "
-                    "C call per param group. The value is kept in param_groups so that state_dict "
-                    "round-trips with torch.optim.Adam.",
-                    UserWarning,
-                    stacklevel=2,
-                )
         defaults = {
             "lr": lr,
-            "betas": tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() else b for b in betas),
+            "betas": tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() else b for b in betas)
+            if isinstance(betas, (tuple, list)) else betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -371,360 +159,35 @@ class Adam(Optimizer):
             "exp_avg_sq_dtype": exp_avg_sq_dtype,
         }
         super().__init__(params, defaults)
-        # GradScaler hands us grad_scale/found_inf instead of unscaling itself.
-        self._step_supports_amp_scaling = True
-        self._kernel = _build.load_kernel()
-        self._plans: dict[int, _GroupPlan] = {}
-        self._step_lock = threading.RLock()
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # Options a loaded group lacks (a torch checkpoint has no master_weights) come from
-        # this optimizer's constructor arguments, else from the signature's defaults.
-        defaults = {**_GROUP_DEFAULTS, **getattr(self, "defaults", {})}
-        for group in self.param_groups:
-            for key, value in _GROUP_DEFAULTS.items():
-                group.setdefault(key, defaults[key])
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
-        self._kernel = _build.load_kernel()
-        self._plans = {}
-        if not hasattr(self, "_step_lock"):  # unpickling; load_state_dict keeps the lock it holds
-            self._step_lock = threading.RLock()
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state = {k: v for k, v in state.items() if k not in ("_kernel", "_plans", "_step_lock")}
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _config(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["amsgrad"]),)
+
+    def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
+        for key, dtype in dtypes.items():
+            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         return state
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's add_param_group, with errors that name the new group and param."""
-        where = f" (param group {len(self.param_groups)})"
-        merged = {**self.defaults, **param_group}
-        _check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"], where)
-        _check_precision_options(merged["master_weights"], merged["exp_avg_dtype"], merged["exp_avg_sq_dtype"], where)
-        _check_flags({k: merged[k] for k in (*_BOOL_OPTIONS, "foreach", "fused")}, where)
-        params = param_group.get("params")
-        if isinstance(params, (list, tuple)):
-            _check_no_duplicates([*self.param_groups, {"params": params}])
-        super().add_param_group(param_group)
-        if hasattr(self, "_plans"):  # not yet during __init__
-            self._plans.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict, with ``fused=True`` in each group that left it unset.
-
-        torch.optim.Adam takes every hyperparameter from a loaded checkpoint, ``fused``
-        included: a checkpoint that says ``fused=None`` would resume on torch's for-loop
-        Adam, slower and no longer bit-identical. Our step is always fused, so the
-        checkpoint says so, except where torch's fused kernel could not take the group
-        (complex params) or where ``foreach=True`` was asked for (torch refuses both).
-        """
-        sd = super().state_dict()
-        for saved, group in zip(sd["param_groups"], self.param_groups, strict=True):
-            if (saved.get("fused") is None and not saved.get("foreach")
-                    and all(p.is_floating_point() for p in group["params"])):
-                saved["fused"] = True
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, with state dtypes set by each param's layout.
-
-        torch casts every floating state tensor to its param's dtype. That is
-        right for moments in torch's layout (an fp32 checkpoint resumed on bf16
-        params, or the reverse), but it would round fp32 master copies and
-        moments kept in fp32 on purpose (``master_weights``, ``exp_avg_dtype``)
-        to bf16: those are cast from the saved values to the dtype the group's
-        layout asks for, so nothing is rounded twice.
-        """
-        with self._step_lock:
-            super().load_state_dict(state_dict)
-            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-            for pid, (group, p) in zip(saved_ids, ((g, p) for g in self.param_groups for p in g["params"])):
-                saved = state_dict["state"].get(pid)
-                st = self.state.get(p)
-                if not saved or not st or p.dtype not in _PARAM_DTYPES:
-                    continue
-                master, m_dtype, v_dtype = _layout_dtypes(group, p)
-                wanted = {"exp_avg": m_dtype, "exp_avg_sq": v_dtype, "max_exp_avg_sq": v_dtype,
-                          "master_param": torch.float32}
-                for key, dtype in wanted.items():
-                    value = saved.get(key)
-                    if isinstance(value, Tensor) and value.is_floating_point() and st[key].dtype != dtype:
-                        st[key] = value.to(device=p.device, dtype=dtype, copy=True)
-            self._plans.clear()
-
-    # ---- step ------------------------------------------------------------------
-
-    def step(
-        self,
-        closure: Callable[[], float] | None = None,
-        *,
-        grad_scale: Tensor | None = None,
-        found_inf: Tensor | None = None,
-    ) -> float | None:
-        """Perform a single optimization step.
-
-        Args:
-            closure: reevaluates the model and returns the loss (optional).
-            grad_scale: GradScaler's scale; grads are unscaled inside the step.
-                Defaults to the ``grad_scale`` attribute GradScaler sets.
-            found_inf: GradScaler's inf flag; when non-zero the whole step is
-                skipped (params, moments and step counters stay as they are).
-        """
-        if torch.compiler.is_compiling():  # traced by a path that ignores _opaque_to_torch_compile
-            raise RuntimeError(_COMPILE_MESSAGE)
-        if type(self).step is Adam.step and _needs_torch_step_wrapper(self):
-            # A profiler or a step hook is active: torch's own wrapper runs them, as for any optimizer.
-            args = (self,) if closure is None else (self, closure)
-            kwargs = {k: v for k, v in (("grad_scale", grad_scale), ("found_inf", found_inf)) if v is not None}
-            return _torch_hooked_step(*args, **kwargs)
-        loss = self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
-        self._optimizer_step_code()  # what torch's wrapper calls after a step (a profiler entry point)
-        return loss
-
-    # torch's Optimizer wraps every subclass's step in profile_hook_step: a record_function and
-    # the step hooks, about 10 us a call even with no profiler and no hook (half of a small
-    # step). step above takes that path only when something would observe it.
-    step.hooked = True  # type: ignore[attr-defined]
-
-    @torch.no_grad()
-    def _step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
-              found_inf: Tensor | None = None) -> float | None:
-        _threads.warn_once()  # torchrun's one thread per rank on a many-core host: say so, once per process
-        # One step at a time per optimizer: a step() entered from another thread waits here
-        # until the running one has returned, so no plan, grad or state tensor that the C
-        # call reads is replaced or freed under it.
-        with self._step_lock:
-            return self._locked_step(closure, grad_scale, found_inf)
-
-    def _locked_step(self, closure: Callable[[], float] | None, grad_scale: Tensor | None,
-                     found_inf: Tensor | None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if grad_scale is None:
-            grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is None:
-            found_inf = getattr(self, "found_inf", None)
-        grad_scale = _amp_scalar(grad_scale, "grad_scale")
-        found_inf = _amp_scalar(found_inf, "found_inf")
-
-        # Check everything before touching anything: an error leaves params,
-        # state and step counters exactly as they were.
-        cached = dict(self._plans)
-        plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
-        if any(plan is not cached.get(gi) for gi, plan in enumerate(plans)):
-            _check_no_duplicates(self.param_groups)  # params may have been moved between groups
-            _check_no_overlap(plans, self.state)
-        # State for params stepped for the first time, and the C arrays, for every group
-        # before any group steps. A step that GradScaler skips creates the state too
-        # (step 0, zero moments), as torch's does.
-        for plan in plans:
-            if plan.params and not plan.built:
-                self._build(plan)
-        if found_inf is not None and found_inf.item() != 0.0:
-            return loss
-        for plan in plans:
-            if plan.params:
-                self._run(plan, grad_scale, found_inf)
-        return loss
-
-    def _plan(self, gi: int, group: dict[str, Any]) -> _GroupPlan:
-        """Validate group `gi` and return its kernel plan. Mutates nothing but the plan cache."""
-        where = f" (param group {gi})"
-        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
-        _check_flags({k: group[k] for k in _BOOL_OPTIONS}, where)
-        all_grads = [p.grad for p in group["params"]]
-        config = (bool(group["amsgrad"]), bool(group["master_weights"]), group["exp_avg_dtype"], group["exp_avg_sq_dtype"])
-        plan = self._plans.get(gi)
-        if plan is not None and plan.group is group and plan.config == config:
-            changed = plan.grads_changed(group["params"], all_grads, self.state)
-            if changed is not None:
-                if changed and not plan.layouts_match():  # the full check, where it is needed
-                    for slot in plan.changed_slots():
-                        i = plan.group_index[slot]
-                        _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}")
-                plan.all_grads = all_grads
-                return plan
-        # Full check of every tensor and its state; state for new params and the
-        # C arrays are made on the first run, after every group has passed.
-        _check_precision_options(*config[1:], where=f" (param group {gi})")
-        plan = _GroupPlan(group, config)
-        plan.all_grads = all_grads
-        plan.group_params = list(group["params"])
-        for i, (p, g) in enumerate(zip(group["params"], all_grads)):
-            if g is None:
-                continue
-            where = f"param group {gi}, param {i}"
-            _check_tensor(p, g, where)
-            layout = _layout(group, p, where)
-            st = self.state.get(p)
-            if st:
-                _check_state(p, st, plan.amsgrad, layout, where)
-            plan.group_index.append(i)
-            plan.params.append(p)
-            plan.grads.append(g)
-        self._plans[gi] = plan
-        return plan
-
-    def _init_state(self, plan: _GroupPlan) -> None:
-        """Create state for params stepped for the first time (torch's layout plus master copies)."""
-        group = plan.group
-        for p in plan.params:
-            state = self.state[p]
-            master, m_dtype, v_dtype = _layout(group, p, "")
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=v_dtype, memory_format=torch.contiguous_format)
-                if plan.amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=v_dtype, memory_format=torch.contiguous_format)
-            if master and "master_param" not in state:
-                state["master_param"] = p.detach().to(torch.float32, copy=True)
-            step = state["step"]
-            if not (type(step) is Tensor and step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu"):
-                state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
-        plan.states = [self.state[p] for p in plan.params]
-        plan.param_dtypes = [p.dtype for p in plan.params]
-        plan.has_complex = any(map(Tensor.is_complex, plan.params))
-        if any(map(_is_dtensor, plan.params)):
-            plan.ptr_of = _local_ptr
-        if any(map(_is_dtensor, plan.params)):
-            plan.storage_of = _local_storage
-        plan.param_sig = plan.signature(plan.params)
-        plan.grad_sig = plan.signature(plan.grads)
-        plan.param_bytes = plan.storage_bytes(plan.params)
-        plan.grad_bytes = plan.storage_bytes(plan.grads)
-        keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if plan.amsgrad else [])
-        if plan.config[1] and any(p.dtype in _LOW_PRECISION for p in plan.params):
-            keys.append("master_param")
-        plan.state_keys = tuple(keys)
-        plan.state_tensors = [_state_column(plan.states, k) for k in keys]
-        plan.state_ptrs = [list(map(plan.ptr_of, ts)) for ts in plan.state_tensors]
-        plan.state_bytes = [plan.storage_bytes(ts) for ts in plan.state_tensors]
-
-    def _build_native(self, plan: _GroupPlan) -> None:
-        ffi, lib = self._kernel.ffi, self._kernel.lib
-        n = len(plan.params)
-        tensors = ffi.new("rp_tensor[]", max(n, 1))
-        for i, (p, g, st) in enumerate(zip(plan.params, plan.grads, plan.states)):
-            views = [p, g, st["exp_avg"], st["exp_avg_sq"]]
-            if plan.amsgrad:
-                views.append(st["max_exp_avg_sq"])
-            views = [_local(t) for t in views]
-            views = [torch.view_as_real(t) if t.is_complex() else t for t in views]
-            # plan.params, plan.grads and plan.state_tensors hold the tensors behind
-            # every pointer (real views share their storage); nothing else is kept,
-            # so a replaced grad can be freed.
-            t = tensors[i]
-            t.param = ffi.cast("void *", views[0].data_ptr())
-            t.grad = ffi.cast("void *", views[1].data_ptr())
-            t.exp_avg = ffi.cast("void *", views[2].data_ptr())
-            t.exp_avg_sq = ffi.cast("void *", views[3].data_ptr())
-            t.max_exp_avg_sq = ffi.cast("void *", views[4].data_ptr()) if plan.amsgrad else ffi.NULL
-            master = st.get("master_param") if plan.config[1] and p.dtype in _LOW_PRECISION else None
-            t.master = ffi.cast("float *", _local_ptr(master)) if master is not None else ffi.NULL
-            t.step = ffi.cast("float *", st["step"].data_ptr())
-            t.numel = views[0].numel()
-            t.param_dtype = _DTYPE_CODES[views[0].dtype]
-            t.exp_avg_dtype = _DTYPE_CODES[views[2].dtype]
-            t.exp_avg_sq_dtype = _DTYPE_CODES[views[3].dtype]
-        n_chunks = lib.rp_plan_chunks(tensors, n, CHUNK_ELEMS, ffi.NULL, 0)
-        chunks = ffi.new("rp_chunk[]", max(n_chunks, 1))
-        lib.rp_plan_chunks(tensors, n, CHUNK_ELEMS, chunks, n_chunks)
-        plan.tensors, plan.chunks, plan.n_chunks = tensors, chunks, n_chunks
-        plan.hyper = ffi.new("rp_hyper *")
-        plan.grad_ptrs = ffi.new("uintptr_t[]", max(n, 1))
-
-    def _build(self, plan: _GroupPlan) -> None:
-        """State for new params, then the C arrays; raises nothing after _plan's checks."""
-        self._init_state(plan)
-        if self._kernel is not None:
-            self._build_native(plan)
-        plan.built = True
-
-    def _run(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        # Every tensor behind a pointer in the C arrays stays referenced by the plan (params,
-        # grads, state_tensors) for the whole call, and the step lock keeps any other step()
-        # from swapping them: a grad the caller drops meanwhile is not freed under the kernel.
-        group = plan.group
-        ffi = self._kernel.ffi if self._kernel is not None else None
-        if plan.pending_grads is not None:  # grads checked by _plan; point the arrays at them
-            plan.grads = plan.pending_grads
-            plan.grad_sig = plan.pending_grad_sig  # computed by grads_changed for these grads
-            plan.grad_bytes = plan.pending_grad_bytes
-            plan.pending_grads = None
-            if ffi is not None:
-                ptrs = plan.grad_sig[0]
-                plan.grad_ptrs[0:len(ptrs)] = ptrs
-                self._kernel.lib.rp_set_grads(plan.tensors, plan.grad_ptrs, len(ptrs))
-        if ffi is None:
-            _torch_fused_step(plan, grad_scale, found_inf)
-            return
+    def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
-        h = plan.hyper
         h.lr = _scalar(group["lr"])
         h.beta1 = _scalar(beta1)
         h.beta2 = _scalar(beta2)
         h.eps = group["eps"]
         h.weight_decay = group["weight_decay"]
-        h.amsgrad = plan.amsgrad
+        h.amsgrad = bool(group["amsgrad"])
         h.maximize = bool(group["maximize"])
         h.decoupled_weight_decay = bool(group["decoupled_weight_decay"])
-        h.num_threads = torch.get_num_threads()
-        h.serial_below = SERIAL_BELOW
-        h.torch_vec = _TORCH_VEC
-        h.grad_scale = ffi.cast("float *", grad_scale.data_ptr()) if grad_scale is not None else ffi.NULL
-        h.found_inf = ffi.cast("float *", found_inf.data_ptr()) if found_inf is not None else ffi.NULL
-        self._kernel.lib.rp_adam_step(h, plan.tensors, len(plan.params), plan.chunks, plan.n_chunks)
 
-
-_torch_hooked_step = Optimizer.profile_hook_step(Adam._step)
-
-_COMPILE_MESSAGE = (
-    "roundpipe's optimizer step is one compiled C call already and runs eagerly, outside "
-    "torch.compile's graph: compile without fullgraph=True (the step is then a graph break), "
-    "or compile only the forward and backward"
-)
-
-
-def _opaque_to_torch_compile(fn: Callable[..., Any]) -> None:
-    """Make torch.compile run fn eagerly, at a graph break, with everything it calls.
-
-    What ``torch.compiler.disable`` does, without importing torch._dynamo (over a second,
-    against an import budget of milliseconds): the attributes make a compiled caller break
-    its graph at the call (and ``fullgraph=True`` fail with _COMPILE_MESSAGE), and the code
-    strategy makes dynamo skip fn's frame and every frame it calls when fn then runs, or
-    when fn itself is compiled. Without these, dynamo traces into cffi and fails with an
-    internal error. torch builds without the strategy hook get the attributes alone.
-    """
-    fn._torchdynamo_disable = True  # type: ignore[attr-defined]
-    fn._torchdynamo_disable_msg = _COMPILE_MESSAGE  # type: ignore[attr-defined]
-    try:
-        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
-    except ImportError:
-        return
-    set_code_exec_strategy(fn.__code__, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
-
-
-_opaque_to_torch_compile(Adam.step)
-_GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
-_GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
-_PROFILER_ENABLED = getattr(torch._C._autograd, "_profiler_enabled", None)
-
-
-def _needs_torch_step_wrapper(opt: Optimizer) -> bool:
-    """True when torch's step wrapper has work to do: a profiler records, or a hook is registered."""
-    if _GLOBAL_PRE_HOOKS is None or _GLOBAL_POST_HOOKS is None or _PROFILER_ENABLED is None:
-        return True  # a torch without these internals: always take its wrapper
-    return bool(
-        _PROFILER_ENABLED() or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
-        or getattr(opt, "_optimizer_step_pre_hooks", None) or getattr(opt, "_optimizer_step_post_hooks", None)
-    )
+    def _fallback_step(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        _torch_fused_step(plan, grad_scale, found_inf)
 
 
 class AdamW(Adam):
@@ -760,202 +223,6 @@ class AdamW(Adam):
             group["decoupled_weight_decay"] = True
 
 
-# ---- checks ------------------------------------------------------------------
-
-
-def _check_tensor(p: Tensor, g: Tensor, where: str) -> None:
-    """The one place that decides which params and grads the kernel accepts."""
-    if p.dtype not in _PARAM_DTYPES:
-        raise TypeError(
-            f"roundpipe Adam: {where} has dtype {p.dtype}; supported: float32, bfloat16, float16, complex64"
-        )
-    if p.device.type != "cpu":
-        raise RuntimeError(f"roundpipe Adam: {where} is on {p.device}; it steps CPU tensors only")
-    if g.is_sparse or g.layout != torch.strided:
-        raise RuntimeError(f"roundpipe Adam: {where} has a sparse gradient; use torch.optim.SparseAdam")
-    if g.dtype != p.dtype:
-        raise TypeError(f"roundpipe Adam: {where} has grad dtype {g.dtype} but param dtype {p.dtype}; they must match")
-    if g.device.type != "cpu":
-        raise RuntimeError(f"roundpipe Adam: {where} has its grad on {g.device}; move it to the CPU")
-    if g.shape != p.shape:
-        raise ValueError(f"roundpipe Adam: {where} has grad shape {tuple(g.shape)} but param shape {tuple(p.shape)}")
-    if _is_dtensor(p) or _is_dtensor(g):
-        if not (_is_dtensor(p) and _is_dtensor(g)):
-            raise TypeError(f"roundpipe Adam: {where}: the param and its grad must both be DTensors, or neither")
-        if p.device_mesh != g.device_mesh or tuple(p.placements) != tuple(g.placements):
-            raise ValueError(
-                f"roundpipe Adam: {where} has a grad placed {tuple(g.placements)} but the param "
-                f"{tuple(p.placements)}; redistribute the grad (a Partial grad is not reduced yet)"
-            )
-    lp, lg = _local(p), _local(g)
-    if lg.shape != lp.shape:
-        raise ValueError(f"roundpipe Adam: {where} has a grad sharded differently from the param")
-    for what, t in (("param", lp), ("grad", lg)):
-        # a lazy view whose memory holds the unconjugated or unnegated values: the kernel reads memory
-        if t.is_conj() or t.is_neg():
-            raise ValueError(
-                f"roundpipe Adam: {where}: the {what} is a lazy conjugate or negative view; "
-                "materialize it first with .resolve_conj().resolve_neg()"
-            )
-        # A wrapper tensor subclass (torchao's Float8/NF4, TwoTensor) has no memory of its own:
-        # data_ptr() is 0 (or raises), and the kernel would write through NULL.
-        try:
-            ptr = t.data_ptr()
-        except RuntimeError:
-            ptr = 0
-        if t.numel() and type(t) in (Tensor, torch.nn.Parameter):
-            _check_allocated(t, what, where)
-        elif t.numel() and ptr == 0:
-            raise TypeError(
-                f"roundpipe Adam: {where}: the {what} is a {type(t).__name__}, a tensor subclass with no "
-                "memory of its own; roundpipe steps plain CPU tensors and DTensor shards. "
-                "Use torch.optim.Adam(fused=True) for such params"
-            )
-    if not lp.is_contiguous():
-        raise ValueError(f"roundpipe Adam: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
-    if not lg.is_contiguous():
-        raise ValueError(f"roundpipe Adam: {where} has a non-contiguous grad; make it contiguous before step()")
-
-
-def _check_allocated(t: Tensor, what: str, where: str) -> None:
-    """A plain tensor's memory must exist and hold all its elements (not freed by resize_(0))."""
-    try:
-        nbytes = t.untyped_storage().nbytes()
-        ptr = t.data_ptr()
-    except RuntimeError:
-        nbytes, ptr = 0, 0
-    need = (t.storage_offset() + t.numel()) * t.element_size()
-    if ptr == 0 or nbytes < need:
-        raise RuntimeError(
-            f"roundpipe Adam: {where}: the {what}'s data is not allocated (its storage holds {nbytes} "
-            f"bytes, {need} needed: was it freed with untyped_storage().resize_(0)?); "
-            "give it memory again before step()")
-
-
-def _check_flags(options: dict[str, Any], where: str = "") -> None:
-    """Booleans must be bools: maximize="false" is truthy and would do gradient ascent."""
-    for name, value in options.items():
-        allowed = (bool, type(None)) if name in ("foreach", "fused") else (bool,)
-        if not isinstance(value, allowed):
-            kind = "a bool or None" if name in ("foreach", "fused") else "a bool"
-            raise TypeError(f"{name} must be {kind}{where}, got {value!r}")
-
-
-def _span(t: Tensor, name: str) -> tuple[int, int, str] | None:
-    """[start, end) of the memory a contiguous tensor covers, or None if it covers none."""
-    t = _local(t)
-    n = t.numel()
-    if n == 0:
-        return None
-    start = t.data_ptr()
-    return start, start + n * t.element_size(), name
-
-
-def _check_no_overlap(plans: list[_GroupPlan], state: dict[Any, dict[str, Any]]) -> None:
-    """Refuse memory shared by two stepped params, or by a param and a state tensor.
-
-    Two Parameter objects over one storage would be stepped twice, by threads
-    racing on the same cache lines; a state tensor over a param's memory, or a
-    ``step`` tensor shared by two params, would be updated twice. Views of one
-    flat buffer that do not overlap (FSDP's FlatParameter) are fine. Sort and
-    sweep over address intervals: O(n log n), run when a plan is (re)built.
-    """
-    spans: list[tuple[int, int, str]] = []
-    for gi, plan in enumerate(plans):
-        for slot, p in enumerate(plan.params):
-            where = f"param group {gi}, param {plan.group_index[slot]}"
-            spans.append(_span(p, where))  # type: ignore[arg-type]
-            for key, t in (state.get(p) or {}).items():
-                if isinstance(t, Tensor) and not t.is_meta:
-                    spans.append(_span(t, f"state[{key!r}] of {where}"))  # type: ignore[arg-type]
-    end, owner = -1, ""
-    for start, stop, name in sorted(sp for sp in spans if sp is not None):
-        if start < end:
-            raise ValueError(
-                f"roundpipe Adam: {name} and {owner} share memory; each param and each state tensor "
-                "must have memory of its own (non-overlapping views of one buffer are fine)")
-        if stop > end:
-            end, owner = stop, name
-
-
-def _check_no_duplicates(groups: list[dict[str, Any]]) -> None:
-    seen: dict[int, int] = {}
-    for gi, group in enumerate(groups):
-        for i, p in enumerate(group["params"]):
-            if id(p) in seen:
-                raise ValueError(
-                    f"roundpipe Adam: param group {gi}, param {i} is also in param group {seen[id(p)]}; "
-                    "a tensor may appear in one param group only"
-                )
-            seen[id(p)] = gi
-
-
-def _check_precision_options(master_weights: Any, exp_avg_dtype: Any, exp_avg_sq_dtype: Any, where: str = "") -> None:
-    if not isinstance(master_weights, bool):
-        raise TypeError(f"master_weights must be a bool{where}, got {master_weights!r}")
-    for name, value in (("exp_avg_dtype", exp_avg_dtype), ("exp_avg_sq_dtype", exp_avg_sq_dtype)):
-        if value not in _MOMENT_DTYPES:
-            raise TypeError(f"{name} must be torch.float32, torch.bfloat16 or None{where}, got {value!r}")
-
-
-def _layout_dtypes(group: dict[str, Any], p: Tensor) -> tuple[bool, torch.dtype, torch.dtype]:
-    """(keeps an fp32 master copy, exp_avg dtype, exp_avg_sq dtype) for param p in group."""
-    master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
-    base = torch.float32 if master else p.dtype
-    return master, group["exp_avg_dtype"] or base, group["exp_avg_sq_dtype"] or base
-
-
-def _layout(group: dict[str, Any], p: Tensor, where: str) -> tuple[bool, torch.dtype, torch.dtype]:
-    """_layout_dtypes, refusing moment dtypes on complex params."""
-    master, m_dtype, v_dtype = _layout_dtypes(group, p)
-    if p.is_complex() and (m_dtype, v_dtype) != (p.dtype, p.dtype):
-        raise TypeError(f"roundpipe Adam: {where} is complex; exp_avg_dtype/exp_avg_sq_dtype apply to real params only")
-    return master, m_dtype, v_dtype
-
-
-def _check_state(p: Tensor, st: dict[str, Any], amsgrad: bool, layout: tuple, where: str) -> None:
-    master, m_dtype, v_dtype = layout
-    expected = {"exp_avg": m_dtype, "exp_avg_sq": v_dtype}
-    if amsgrad:
-        expected["max_exp_avg_sq"] = v_dtype
-    if master and "master_param" in st:
-        expected["master_param"] = torch.float32
-    for name, dtype in expected.items():
-        t = st.get(name)
-        if t is None:
-            raise RuntimeError(f"roundpipe Adam: {where} has no state[{name!r}] (was amsgrad turned on mid-training?)")
-        lt = _local(t)
-        if t.dtype != dtype or t.shape != p.shape or lt.shape != _local(p).shape or t.device.type != "cpu" or not lt.is_contiguous():
-            raise RuntimeError(
-                f"roundpipe Adam: {where} has state[{name!r}] of dtype {t.dtype}, shape {tuple(t.shape)} "
-                f"on {t.device}; this group keeps it as a contiguous CPU {dtype} tensor of shape {tuple(p.shape)}"
-            )
-        if lt.numel():
-            _check_allocated(lt, f"state[{name!r}]", where)
-    step = st.get("step")
-    if step is None:
-        raise RuntimeError(f"roundpipe Adam: {where} has no state['step']")
-    if isinstance(step, Tensor):
-        if step.numel() != 1 or step.is_complex() or _is_dtensor(step):
-            raise RuntimeError(
-                f"roundpipe Adam: {where} has state['step'] of shape {tuple(step.shape)} and dtype "
-                f"{step.dtype}; it must be a 1-element real tensor (torch keeps a 0-dim float32 one)")
-        if step.device.type == "cpu" and not step.is_meta:
-            _check_allocated(step, "state['step']", where)
-    elif isinstance(step, bool) or not isinstance(step, (int, float)):
-        raise RuntimeError(f"roundpipe Adam: {where} has state['step'] = {step!r}; it must be a number or a tensor")
-
-
-def _amp_scalar(t: Tensor | None, name: str) -> Tensor | None:
-    if t is None:
-        return None
-    if not isinstance(t, Tensor) or t.numel() != 1:
-        raise ValueError(f"roundpipe Adam: {name} must be a 1-element Tensor, got {t!r}")
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    return t
-
-
 # ---- fallback --------------------------------------------------------------------
 
 
@@ -971,8 +238,8 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     lists: list[list[Tensor]] = [[], [], [], [], [], []]
     write_back: list[tuple[Tensor, Tensor]] = []
     for p, g, st in zip(plan.params, plan.grads, plan.states):
-        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if plan.amsgrad else [])
-        master = st.get("master_param") if plan.config[1] and p.dtype in _LOW_PRECISION else None
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if bool(plan.group["amsgrad"]) else [])
+        master = st.get("master_param") if bool(group.get("master_weights")) and p.dtype in _LOW_PRECISION else None
         if master is None and all(st[n].dtype == p.dtype for n in names):
             tensors = [real(p), real(g)] + [real(st[n]) for n in names]
         else:
@@ -981,7 +248,7 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
             write_back += [(p, work)] + [(st[n], t) for n, t in zip(names, tensors[2:], strict=True)]
             if grad_scale is not None:  # the fused kernel unscaled the fp32 copy of the grad in place
                 write_back.append((g, tensors[1]))
-        for lst, t in zip(lists, tensors[:4] + ([tensors[4]] if plan.amsgrad else [])):
+        for lst, t in zip(lists, tensors[:4] + ([tensors[4]] if bool(plan.group["amsgrad"]) else [])):
             lst.append(t)
         lists[5].append(st["step"])
     params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = lists
@@ -990,7 +257,7 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     fn = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
     fn(
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
-        amsgrad=plan.amsgrad, lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
+        amsgrad=bool(plan.group["amsgrad"]), lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
         weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
         grad_scale=grad_scale, found_inf=found_inf,
     )

@@ -1,0 +1,125 @@
+/* roundpipe's engine: what every rule shares that is not inline (runner.h):
+ * chunk planning, grad repointing, fork detection and the roofline probes.
+ * Rules of this file as in runner.h: plain C loops, int64_t indices.
+ */
+#include <pthread.h>
+#include <stdint.h>
+
+#include "runner.h"
+
+/* ---- planning ------------------------------------------------------------ */
+
+int64_t rp_plan_chunks(const rp_tensor *tensors, int64_t n_tensors,
+                       int64_t chunk_elems, rp_chunk *out, int64_t capacity)
+{
+    /* Round the chunk to whole cache lines (16 fp32 or 32 half elements are
+       both <= 64 bytes): chunks after the first start 64-byte aligned when the
+       tensor does, so two threads never write the same cache line. */
+    if (chunk_elems < 32) chunk_elems = 32;
+    chunk_elems -= chunk_elems % 32;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n_tensors; i++) {
+        const int64_t numel = tensors[i].numel;
+        for (int64_t b = 0; b < numel; b += chunk_elems) {
+            if (count < capacity) {
+                out[count].tensor = i;
+                out[count].begin = b;
+                out[count].end = numel - b > chunk_elems ? b + chunk_elems : numel;
+            }
+            count++;
+        }
+    }
+    return count;
+}
+
+void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) tensors[i].grad = (void *)ptrs[i];
+}
+
+/* ---- fork safety ---------------------------------------------------------- */
+
+/* GNU libgomp keeps its worker threads in a pool that fork() does not copy; a
+   child that enters a parallel region waits forever for them. torch has the
+   same problem (its DataLoader workers set one thread for this reason). After
+   fork we never enter an OpenMP region again: the child steps on one thread
+   and gets the same bits (results do not depend on the thread count).
+   This holds for every child, even of a parent that never ran one of our
+   parallel regions: torch's own ops share this libgomp pool, and a child of
+   a parent whose torch ops ran threaded hangs in its first parallel region
+   (measured: torch 2.13, (x*3).sum() in the child never returns). Nothing
+   tells from outside libgomp whether its pool exists (thread counts don't:
+   importing torch starts a thread of its own), so one thread is the only
+   safe choice. */
+volatile int rp_forked_child_flag = 0;
+static void mark_forked_child(void) { rp_forked_child_flag = 1; }
+__attribute__((constructor)) static void register_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, mark_forked_child);
+}
+int rp_in_forked_child(void) { return rp_forked_child_flag; }
+
+/* ---- roofline probes -------------------------------------------------------- */
+
+/* Each probe is a step's memory traffic with no arithmetic worth the name,
+   scheduled like rp_run (chunks of CHUNK_ELEMS from a shared counter), so it
+   measures memory, not a difference in scheduling. b is read only; a, c and
+   d (when not NULL) are read and written: 28 bytes per element with d (fp32
+   Adam), 20 without (fp32 SGD with momentum, Adagrad, Lion). */
+#define RP_PROBE_CHUNK 16384 /* elements per chunk, as CHUNK_ELEMS in optim/_engine.py */
+
+static void probe4(float *restrict a, const float *restrict b, float *restrict c, float *restrict d, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const float x = b[i];
+        a[i] += x;
+        c[i] += x;
+        d[i] += x;
+    }
+}
+
+static void probe3(float *restrict a, const float *restrict b, float *restrict c, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const float x = b[i];
+        a[i] += x;
+        c[i] += x;
+    }
+}
+
+static void probe_span(float *a, const float *b, float *c, float *d, int64_t n)
+{
+    if (d) probe4(a, b, c, d, n);
+    else probe3(a, b, c, n);
+}
+
+static void probe_run(float *a, const float *b, float *c, float *d, int64_t n, int32_t num_threads)
+{
+    const int64_t n_chunks = (n + RP_PROBE_CHUNK - 1) / RP_PROBE_CHUNK;
+    if (num_threads < 1 || rp_forked_child_flag) num_threads = 1;
+    if (num_threads == 1 || n_chunks < 2) {
+        probe_span(a, b, c, d, n);
+        return;
+    }
+    int64_t next = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        for (;;) {
+            const int64_t k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (k >= n_chunks) break;
+            const int64_t b0 = k * RP_PROBE_CHUNK;
+            const int64_t len = n - b0 < RP_PROBE_CHUNK ? n - b0 : RP_PROBE_CHUNK;
+            probe_span(a + b0, b + b0, c + b0, d ? d + b0 : NULL, len);
+        }
+    }
+}
+
+void rp_roofline_probe(float *a, const float *b, float *c, float *d, int64_t n, int32_t num_threads)
+{
+    probe_run(a, b, c, d, n, num_threads);
+}
+
+void rp_roofline_probe3(float *a, const float *b, float *c, int64_t n, int32_t num_threads)
+{
+    probe_run(a, b, c, NULL, n, num_threads);
+}

@@ -1,0 +1,70 @@
+/* roundpipe's engine: the C interface that every update rule shares.
+ *
+ * cffi's cdef() reads this file, then each rule's header (adam.h, sgd.h,
+ * adagrad.h, lion.h), so it holds plain declarations only: no preprocessor
+ * lines, no include guards, no inline code. The shared C code is runner.h
+ * (inline, included by each rule's .c file) and engine.c.
+ */
+
+/* Element types of the arrays behind the void pointers below. */
+enum { RP_F32 = 0, RP_BF16 = 1, RP_F16 = 2 };
+
+/* One parameter tensor and its optimizer state, flattened. */
+typedef struct {
+    void *param;            /* the parameter (param_dtype), updated in place             */
+    void *grad;             /* its gradient (param_dtype); unscaled in place when a grad
+                               scale is given, as torch's fused optimizers do             */
+    void *state[3];         /* the rule's state tensors (state_dtype[i]), in the order of
+                               its Python class's state keys; NULL where unused           */
+    float *master;          /* fp32 master copy of param, or NULL                         */
+    float *step;            /* the 0-dim float32 `step` state tensor, or NULL             */
+    int64_t numel;
+    int32_t param_dtype;
+    int32_t state_dtype[3];
+    int32_t fresh;          /* 1 on the first step of state the engine just created       */
+    int32_t reserved;
+    /* Per-tensor scalars, written by the rule's entry point once per step,
+       before any thread starts (Adam: they depend on this tensor's step). */
+    float scalar[2];
+} rp_tensor;
+
+/* How one call runs: threads and GradScaler, the same for every rule. */
+typedef struct {
+    int32_t num_threads;              /* <= 1: run on the calling thread */
+    int32_t reserved;
+    int64_t serial_below;             /* groups with fewer elements run on one thread */
+    int64_t torch_vec;                /* torch's SIMD width in fp32 elements (8): the last
+                                         numel % torch_vec elements of each tensor are
+                                         rounded as torch's scalar tail loop rounds them */
+    const float *grad_scale;          /* GradScaler's scale, or NULL */
+    const float *found_inf;           /* GradScaler's found_inf, or NULL */
+} rp_run_opts;
+
+/* A span [begin, end) of one tensor: the unit of work one thread takes. */
+typedef struct {
+    int64_t tensor;
+    int64_t begin;
+    int64_t end;
+} rp_chunk;
+
+/* Split every tensor into chunks of at most chunk_elems elements (a multiple
+   of 32, so chunks start on 64-byte boundaries). Writes at most `capacity`
+   chunks to `out` and returns how many the plan needs. */
+int64_t rp_plan_chunks(const rp_tensor *tensors, int64_t n_tensors,
+                       int64_t chunk_elems, rp_chunk *out, int64_t capacity);
+
+/* Point tensors[i].grad at ptrs[i] for i < n: new grad tensors, one call per
+   step instead of one per tensor from Python. */
+void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n);
+
+/* Memory roofline probes: read `n_read` arrays and write back `n_write` of
+   them in place, with no arithmetic worth the name, scheduled like a step.
+   rp_roofline_probe: a, b, c, d read, a, c, d written: 28 bytes per element,
+   an fp32 Adam step. rp_roofline_probe3: a, b, c read, a, c written: 20
+   bytes, an fp32 SGD-with-momentum, Adagrad or Lion step. scripts/bench.py. */
+void rp_roofline_probe(float *a, const float *b, float *c, float *d,
+                       int64_t n, int32_t num_threads);
+void rp_roofline_probe3(float *a, const float *b, float *c, int64_t n, int32_t num_threads);
+
+/* 1 when this process is a fork() child: steps then run on one thread (see engine.c). */
+int rp_in_forked_child(void);
