@@ -70,7 +70,7 @@ import torch
 
 import roundpipe
 import roundpipe.optim
-import roundpipe.optim.adam as rp_adam
+import roundpipe.optim._engine as rp_engine
 from roundpipe import _build
 
 FP32_ADAM_BYTES = 28  # read p, g, m, v; write p, m, v
@@ -99,13 +99,13 @@ def median(xs: list[float]) -> float:
 
 @contextlib.contextmanager
 def patched(name: str, value: Any):
-    """Temporarily set roundpipe.optim.adam.<name> (read at step or plan time)."""
-    old = getattr(rp_adam, name)
-    setattr(rp_adam, name, value)
+    """Temporarily set roundpipe.optim._engine.<name> (read at step or plan time)."""
+    old = getattr(rp_engine, name)
+    setattr(rp_engine, name, value)
     try:
         yield
     finally:
-        setattr(rp_adam, name, old)
+        setattr(rp_engine, name, old)
 
 
 def free() -> None:
@@ -769,8 +769,8 @@ def sweep_serial(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [1 << k for k in range(10, 21)] if not args.quick else [1 << 10, 1 << 14, 1 << 17]
     layouts = {"one tensor": lambda n: [(n,)], "1K-element tensors": lambda n: [(1024,)] * (n // 1024)}
     flush = np.zeros(16 << 20, dtype=np.float32)
-    out: dict[str, Any] = {"threads": threads, "chunk_elems": rp_adam.CHUNK_ELEMS,
-                           "serial_below_now": rp_adam.SERIAL_BELOW, "rows": []}
+    out: dict[str, Any] = {"threads": threads, "chunk_elems": rp_engine.CHUNK_ELEMS,
+                           "serial_below_now": rp_engine.SERIAL_BELOW, "rows": []}
     log(f"[sweep-serial] sizes {sizes[0]}..{sizes[-1]}, 1 vs {threads} threads")
     reps = args.sweep_reps
     deadline = time.monotonic() + RETRY_BUDGET_S
@@ -779,7 +779,7 @@ def sweep_serial(args: argparse.Namespace) -> dict[str, Any]:
             params, _ = make_params(shapes_of(n))
             opt = roundpipe.optim.Adam(params, lr=LR)
             opt.step()
-            ce = rp_adam.CHUNK_ELEMS
+            ce = rp_engine.CHUNK_ELEMS
             chunks = sum(-(-q.numel() // ce) for q in params)
             row: dict[str, Any] = {"layout": layout, "numel": n, "tensors": len(params), "chunks": chunks}
             for mode in ("warm", "cold"):
@@ -851,8 +851,8 @@ def chunk_sweep(args: argparse.Namespace, workloads: list[Workload]) -> list[Res
         roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
         run_rounds(entries + [roof], args.warmup, args.reps)
         out.append(summarize(f"chunk sweep: {w.name}", threads, w.numel, len(w.shapes), entries, roof,
-                             f"current CHUNK_ELEMS={rp_adam.CHUNK_ELEMS}", ref=f"CHUNK_ELEMS={rp_adam.CHUNK_ELEMS}"
-                             if rp_adam.CHUNK_ELEMS in choices else "roofline-probe"))
+                             f"current CHUNK_ELEMS={rp_engine.CHUNK_ELEMS}", ref=f"CHUNK_ELEMS={rp_engine.CHUNK_ELEMS}"
+                             if rp_engine.CHUNK_ELEMS in choices else "roofline-probe"))
         del entries, roof, params
         free()
     return out
@@ -1209,10 +1209,10 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "roundpipe": roundpipe.__version__,
-        "roundpipe_native": rp_adam.native_available(),
+        "roundpipe_native": rp_engine.native_available(),
         "kernel_artefact": getattr(_build.INFO, "artefact", None),
-        "chunk_elems": rp_adam.CHUNK_ELEMS,
-        "serial_below": rp_adam.SERIAL_BELOW,
+        "chunk_elems": rp_engine.CHUNK_ELEMS,
+        "serial_below": rp_engine.SERIAL_BELOW,
         "deepspeed": "available" if args.deepspeed_cls is not None else f"skipped: {ds_why}",
         "argv": sys.argv[1:] if argv is None else argv,
         "mix_config": mix_cfg,

@@ -172,9 +172,10 @@ static inline void rp_run(const rp_run_opts *run, const rp_tensor *tensors, int6
 
 /* ---- 16-bit params and state for rules written over fp32 arrays ------------- */
 
-/* A rule's update on n fp32 elements; first is the index of p[0] in its tensor
-   (for torch's tail), s[i] its state arrays. p is the master when there is one. */
-typedef void (*rp_fp32_fn)(int64_t first, int64_t n, float *p, float *g, float *const *s, const void *ctx);
+/* A rule's update on n fp32 elements of tensor t; first is the index of p[0] in
+   t (for torch's tail), s[i] its state arrays. p is the master when there is one. */
+typedef void (*rp_fp32_fn)(const rp_tensor *t, int64_t first, int64_t n, float *p, float *g, float *const *s,
+                           const void *ctx);
 
 /* Elements [b, e) of t through fn: all-fp32 tensors in place; any other dtype
    through fp32 staging blocks in L1, written back rounded to nearest even
@@ -190,7 +191,7 @@ static inline void rp_staged_span(const rp_tensor *t, int64_t b, int64_t e, int 
     if (all_f32) {
         float *s[3] = {NULL, NULL, NULL};
         for (int i = 0; i < n_state; i++) s[i] = (float *)t->state[i] + b;
-        fn(b, e - b, (float *)t->param + b, (float *)t->grad + b, s, ctx);
+        fn(t, b, e - b, (float *)t->param + b, (float *)t->grad + b, s, ctx);
         return;
     }
     float pb[RP_BLOCK] __attribute__((aligned(64)));
@@ -210,7 +211,7 @@ static inline void rp_staged_span(const rp_tensor *t, int64_t b, int64_t e, int 
             char *st = (char *)t->state[i] + s0 * (sdt == RP_F32 ? 4 : 2);
             if (sdt == RP_F32) s[i] = (float *)st; else { load_block(sb[i], st, sdt, n); s[i] = sb[i]; }
         }
-        fn(s0, n, p, g, s, ctx);
+        fn(t, s0, n, p, g, s, ctx);
         if (pdt != RP_F32) store_block(param, pdt, p, n, RP_BF16_NAN_VEC); /* from the master, if any */
         if (unscale && pdt != RP_F32) store_block(grad, pdt, g, n, RP_BF16_NAN_VEC);
         for (int i = 0; i < n_state; i++) {

@@ -53,6 +53,12 @@ SERIAL_BELOW = 32768
 # reproduces that (tests compare against torch).
 _TORCH_VEC = 8
 
+
+def torch_dispatch_vec() -> int:
+    """Vectorized<float>::size() in torch's kernels that are registered for AVX-512 too
+    (fused SGD and Adagrad): 16 floats where torch dispatches to AVX-512, else 8."""
+    return 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Param dtypes the engine steps (complex64 as its float32 real view, where a rule allows it).
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
@@ -255,6 +261,7 @@ class FusedOptimizer(Optimizer):
     _C_HYPER: ClassVar[str]  # its hyperparameter struct, as cffi names it
     _HAS_STEP: ClassVar[bool] = True  # state["step"]: a 0-dim float32 tensor the C code counts
     _PARAM_DTYPES: ClassVar[tuple[torch.dtype, ...]] = _REAL_DTYPES
+    _TORCH_VEC: ClassVar[int | None] = None  # the rule's torch vector width; None: _TORCH_VEC
     _TORCH_FUSED: ClassVar[bool] = True  # torch's class of the same name has fused=True
     # Group options with their signature defaults, for groups loaded without them (__setstate__).
     _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {}
@@ -679,7 +686,7 @@ class FusedOptimizer(Optimizer):
         run = plan.run_opts
         run.num_threads = torch.get_num_threads()
         run.serial_below = SERIAL_BELOW
-        run.torch_vec = _TORCH_VEC
+        run.torch_vec = self._TORCH_VEC or _TORCH_VEC
         run.grad_scale = ffi.cast("float *", grad_scale.data_ptr()) if grad_scale is not None else ffi.NULL
         run.found_inf = ffi.cast("float *", found_inf.data_ptr()) if found_inf is not None else ffi.NULL
         getattr(self._kernel.lib, self._C_STEP)(run, plan.hyper, plan.tensors, len(plan.params),
@@ -872,3 +879,39 @@ def _amp_scalar(t: Tensor | None, name: str, who: str = "Adam") -> Tensor | None
     return t
 
 
+
+
+# ---- the torch fallback, shared by the rules that step 16-bit tensors through fp32 ----------
+
+
+def fp32_working_set(plan: _GroupPlan, keys: tuple[str, ...], unscale: bool
+                     ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]], list[tuple[Tensor, Tensor]]]:
+    """The group's params, grads and state (per key) as fp32 tensors for torch's kernels.
+
+    fp32 tensors are used as they are; a master copy stands in for its param; any other
+    tensor gets an fp32 copy, listed in the returned (destination, copy) pairs to be
+    copied back after the step. The grad is copied back only when the step unscales it.
+    """
+    params: list[Tensor] = []
+    grads: list[Tensor] = []
+    states: list[list[Tensor]] = [[] for _ in keys]
+    back: list[tuple[Tensor, Tensor]] = []
+    use_master = bool(plan.group.get("master_weights"))
+
+    def fp32(t: Tensor, write_back: bool = True) -> Tensor:
+        if t.dtype == torch.float32:
+            return t
+        work = t.float()
+        if write_back:
+            back.append((t, work))
+        return work
+
+    for p, g, st in zip(plan.params, plan.grads, plan.states, strict=True):
+        master = st.get("master_param") if use_master and p.dtype in _LOW_PRECISION else None
+        if master is not None:
+            back.append((p, master))
+        params.append(master if master is not None else fp32(p))
+        grads.append(fp32(g, unscale))
+        for lst, key in zip(states, keys, strict=True):
+            lst.append(fp32(st[key]))
+    return params, grads, states, back
