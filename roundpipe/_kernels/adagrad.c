@@ -63,8 +63,12 @@ static inline __attribute__((always_inline)) void adagrad_elements(
             g[i] = gi;
         }
         const float pi = p[i];
-        /* maximize: g * -1 or -g; see sgd.c for the NaN sign */
-        if (c.maximize) gi = c.decay ? gi * c.neg_one : -gi;
+        /* maximize: torch writes g * -1 (vector) and -g (tail). Its build
+           flips the sign bit, except with weight decay and no grad scale:
+           there the negation folds into the decay's FMA (p*wd - g), which
+           keeps a NaN grad's sign, as a multiply by a run-time -1 does.
+           Measured on NaN grads in all three regions. */
+        if (c.maximize) gi = c.decay && !unscale ? gi * c.neg_one : rp_flip_sign(gi);
         if (c.decay) gi = fmaf(pi, c.weight_decay, gi);   /* g += p * wd, fused */
         const float s = fmaf(gi, gi, sum[i]);             /* sum += g * g, fused */
         sum[i] = s;

@@ -29,7 +29,8 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "rules.h"
 
 typedef struct {
     float decay;        /* (float)(1 - lr*wd), wd divided by the initial lr if decoupled */
@@ -54,18 +55,6 @@ static void lion_consts_init(lion_consts *k, double lr, double beta1, double bet
     k->maximize = maximize != 0;
 }
 
-/* -x as a bit flip that GCC cannot fold into the FMA that follows: torch.neg
-   flips a NaN's sign bit too, while an FMA with a negated operand
-   (vfnmadd) returns the NaN unchanged. */
-static inline __attribute__((always_inline)) float lion_flip_sign(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    u ^= 0x80000000u;
-    memcpy(&x, &u, 4);
-    return x;
-}
-
 /* The Lion update over n fp32 elements; maximize is a compile-time constant. */
 static inline __attribute__((always_inline)) void lion_elements(
     int64_t n, float *restrict p, const float *restrict g, float *restrict m, const lion_consts *k,
@@ -73,7 +62,7 @@ static inline __attribute__((always_inline)) void lion_elements(
 {
     const lion_consts c = *k; /* locals: the compiler must see they don't alias */
     for (int64_t i = 0; i < n; i++) {
-        const float gi = maximize ? lion_flip_sign(g[i]) : g[i];
+        const float gi = maximize ? rp_flip_sign(g[i]) /* as torch.neg */ : g[i];
         const float mi = m[i];
         const float pi = p[i] * c.decay;                              /* p.mul_(1 - lr*wd) */
         const float x = fmaf(gi, c.one_minus_beta1, mi * c.beta1);   /* m*beta1 + (1-beta1)*g */

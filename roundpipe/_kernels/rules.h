@@ -15,6 +15,7 @@
  * With V = 8 the middle region is empty.
  */
 #include <stdint.h>
+#include <string.h>
 
 enum { RP_VEC = 0, RP_TAILVEC = 1, RP_SCALAR = 2 };
 
@@ -30,4 +31,16 @@ static inline void rp_regions(int64_t first, int64_t n, int64_t tail_start, int6
     len[RP_VEC] = a;
     len[RP_TAILVEC] = b - a;
     len[RP_SCALAR] = n - b;
+}
+
+/* -x as a sign-bit flip that GCC cannot fold into a following FMA. torch's
+   -g flips a NaN's sign bit, but GCC turns fma(-a, b, c) into one vfnmadd,
+   which returns a NaN operand unchanged, and fma(-g, -g, s) into fma(g, g, s). */
+static inline __attribute__((always_inline)) float rp_flip_sign(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u ^= 0x80000000u;
+    memcpy(&x, &u, 4);
+    return x;
 }

@@ -72,10 +72,12 @@ static inline __attribute__((always_inline)) void sgd_elements(
         }
         const float pi = p[i];
         /* maximize: torch writes g * -1 (vector loop) and -g (tail loop).
-           Where the decay follows, both compile to one FMA p*wd - g, which
-           keeps a NaN grad's sign: a multiply by a run-time -1 does the
-           same; otherwise the grad's sign bit flips. */
-        if (c.maximize) gi = c.decay ? gi * c.neg_one : -gi;
+           Its build flips the sign bit, except in the scalar epilogue with
+           weight decay and no grad scale, where the negation folds into the
+           decay's FMA (p*wd - g), which keeps a NaN grad's sign, as a multiply
+           by a run-time -1 does. Measured on NaN grads in each region. */
+        if (c.maximize)
+            gi = region == RP_SCALAR && c.decay && !unscale ? gi * c.neg_one : rp_flip_sign(gi);
         if (c.decay) gi = fmaf(pi, c.weight_decay, gi);           /* g += p * wd, fused */
         if (mode != SGD_PLAIN) {
             float b;
