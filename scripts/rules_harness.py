@@ -60,6 +60,8 @@ void h_adagrad(int64_t numel, int64_t tail_start, int64_t chunk, float *p, float
     CHUNKS(adagrad_fp32_span(b, n, tail_start, numel, p + b, g + b, sum + b, &k, scale != 0))
 }
 
+float h_adagrad_clr(double lr, double lr_decay, float step) { return adagrad_clr(lr, lr_decay, step); }
+
 void h_lion(int64_t numel, int64_t tail_start, int64_t chunk, float *p, float *g, float *m,
             double lr, double beta1, double beta2, double wd, int decoupled, double init_lr,
             int maximize)
@@ -161,16 +163,16 @@ def run_sgd(lib, quick: bool) -> tuple[int, int]:
     fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] * 4 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
     V = torch_vec()
     combos = []
-    for mom, damp, nest, wd, maxi, scale, lr in itertools.product(
-            [0.0, 0.9], [0.0, 0.3], [False, True], [0.0, 0.013], [False, True], [None, 1024.0, 3.0], [0.1, 1e-3]):
+    for mom, damp, nest, wd, maxi, scale, lr, nan in itertools.product(
+            [0.0, 0.9], [0.0, 0.3], [False, True], [0.0, 0.013], [False, True], [None, 1024.0, 3.0], [0.1, 1e-3],
+            [False, True]):
         if mom == 0.0 and (damp or nest):
             continue
         if nest and damp:
             continue
-        combos.append((mom, damp, nest, wd, maxi, scale, lr))
+        combos.append((mom, damp, nest, wd, maxi, scale, lr, nan))
     ok = skipped = nan_only = 0
-    for ci, (mom, damp, nest, wd, maxi, scale, lr) in enumerate(combos):
-        nan = (ci // 5) % 2 == 1  # half the combos with NaN/Inf values (not tied to one flag)
+    for ci, (mom, damp, nest, wd, maxi, scale, lr, nan) in enumerate(combos):
         case = Case(f"sgd mom={mom} damp={damp} nest={nest} wd={wd} max={maxi} scale={scale} lr={lr} nan={nan}")
         if not selected(case.name):
             skipped += 1
@@ -218,10 +220,10 @@ def run_adagrad(lib, quick: bool) -> tuple[int, int]:
     fn.argtypes = ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_void_p])
     V = torch_vec()
     combos = list(itertools.product([0.0, 0.01, 0.37], [0.0, 0.013], [0.0, 0.1], [1e-10, 1e-3],
-                                    [False, True], [None, 1024.0, 3.0], [0.01, 0.7]))
+                                    [False, True], [None, 1024.0, 3.0], [0.01, 0.7], [False, True]))
+    clr_ok, clr_total = check_clr(lib)
     ok = skipped = nan_only = 0
-    for ci, (lr_decay, wd, iav, eps, maxi, scale, lr) in enumerate(combos):
-        nan = (ci // 5) % 2 == 1
+    for ci, (lr_decay, wd, iav, eps, maxi, scale, lr, nan) in enumerate(combos):
         case = Case(f"adagrad lr_decay={lr_decay} wd={wd} iav={iav} eps={eps} max={maxi} scale={scale} lr={lr} nan={nan}")
         if not selected(case.name):
             skipped += 1
@@ -259,7 +261,51 @@ def run_adagrad(lib, quick: bool) -> tuple[int, int]:
         nan_only += case.bad > 0 and case.nan_only
         if STOP and case.bad:
             break
-    return ok, nan_only, len(combos) - skipped
+    # the clr check counts as one more combination
+    return ok + (clr_ok == clr_total), nan_only, len(combos) - skipped + 1
+
+
+def clr_cases(count: int) -> list[tuple[float, float, float]]:
+    """(lr, lr_decay, step) where lr / (1 + (step-1)*lr_decay) rounds to a different
+    float with and without a fused multiply-add in double: lr is put halfway
+    between two floats times the two denominators' mean, so that the quotients
+    straddle the rounding boundary. Exact arithmetic with Fraction."""
+    import random
+    from fractions import Fraction
+
+    import numpy as np
+
+    rng, out = random.Random(2), []
+    while len(out) < count:
+        d, step = rng.random() * 0.5, float(rng.randint(2, 100))
+        d1 = (step - 1.0) * d + 1.0
+        d2 = float(Fraction(step - 1.0) * Fraction(d) + 1)  # fma in double
+        if d1 == d2:
+            continue
+        x = np.float32(rng.uniform(0.005, 0.02))
+        mid = (Fraction(float(x)) + Fraction(float(np.nextafter(x, np.float32(1))))) / 2
+        lr = float(mid * (Fraction(d1) + Fraction(d2)) / 2)
+        if np.float32(lr / d1) != np.float32(lr / d2):
+            out.append((lr, d, step))
+    return out
+
+
+def check_clr(lib) -> tuple[int, int]:
+    """Adagrad's per-tensor clr on cases that tell torch's double rounding apart:
+    with grad 1 and an empty sum, the fused step writes p = -clr exactly."""
+    fn = lib.h_adagrad_clr
+    fn.argtypes, fn.restype = [ctypes.c_double, ctypes.c_double, ctypes.c_float], ctypes.c_float
+    ok = 0
+    cases = clr_cases(16)
+    for lr, d, step in cases:
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.Adagrad([p], lr=lr, lr_decay=d, fused=True)
+        opt.state[p]["step"].fill_(step - 1)
+        p.grad = torch.ones(1)
+        opt.step()
+        ok += -p.item() == fn(lr, d, step)
+    print(f"adagrad clr: {ok}/{len(cases)} rounding-sensitive cases identical")
+    return ok, len(cases)
 
 
 def run_lion(lib, quick: bool) -> tuple[int, int]:
@@ -269,10 +315,9 @@ def run_lion(lib, quick: bool) -> tuple[int, int]:
     fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] * 4 + [ctypes.c_int, ctypes.c_double, ctypes.c_int]
     V = torch_vec()
     combos = list(itertools.product([1e-4, 0.03], [(0.9, 0.99), (0.95, 0.98), (0.5, 0.0)], [0.0, 0.1, 1.3],
-                                    [False, True], [False, True]))
+                                    [False, True], [False, True], [False, True]))
     ok = skipped = nan_only = 0
-    for ci, (lr, betas, wd, decoupled, maxi) in enumerate(combos):
-        nan = (ci // 5) % 2 == 1
+    for ci, (lr, betas, wd, decoupled, maxi, nan) in enumerate(combos):
         case = Case(f"lion lr={lr} betas={betas} wd={wd} decoupled={decoupled} max={maxi} nan={nan}")
         if not selected(case.name):
             skipped += 1
