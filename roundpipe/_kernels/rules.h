@@ -1,0 +1,46 @@
+/* Shared by the update rules sgd.c, adagrad.c and lion.c: where torch's
+ * rounding changes along a tensor.
+ *
+ * torch's fused CPU kernels run an explicit Vectorized<float> loop over the
+ * first numel - numel % V elements (V = 16 with AVX-512, 8 with AVX2), then a
+ * plain C++ loop over the rest. GCC auto-vectorizes that plain loop with
+ * 8-lane vectors and finishes it with scalar code, and the two halves contract
+ * multiply-adds differently. So a tensor has three regions, measured against
+ * torch 2.13 on both its AVX-512 and AVX2 kernels (ATEN_CPU_CAPABILITY=avx2),
+ * tail lengths 0..15 (scripts/rules_harness.py):
+ *   RP_VEC      [0, tail_start)             torch's Vectorized loop
+ *   RP_TAILVEC  [tail_start, scalar_start)  its tail loop, GCC's 8-lane body
+ *   RP_SCALAR   [scalar_start, numel)       its tail loop, scalar epilogue
+ * with tail_start = numel - numel % V and scalar_start = numel - numel % 8.
+ * With V = 8 the middle region is empty.
+ */
+#include <stdint.h>
+#include <string.h>
+
+enum { RP_VEC = 0, RP_TAILVEC = 1, RP_SCALAR = 2 };
+
+/* Split the span [first, first+n) of a tensor of numel elements into its
+   parts in each region: len[RP_VEC], len[RP_TAILVEC], len[RP_SCALAR]. */
+static inline void rp_regions(int64_t first, int64_t n, int64_t tail_start, int64_t numel,
+                              int64_t len[3])
+{
+    const int64_t scalar_start = numel - numel % 8;
+    int64_t a = tail_start - first, b = scalar_start - first;
+    a = a < 0 ? 0 : a > n ? n : a;
+    b = b < a ? a : b > n ? n : b;
+    len[RP_VEC] = a;
+    len[RP_TAILVEC] = b - a;
+    len[RP_SCALAR] = n - b;
+}
+
+/* -x as a sign-bit flip that GCC cannot fold into a following FMA. torch's
+   -g flips a NaN's sign bit, but GCC turns fma(-a, b, c) into one vfnmadd,
+   which returns a NaN operand unchanged, and fma(-g, -g, s) into fma(g, g, s). */
+static inline __attribute__((always_inline)) float rp_flip_sign(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u ^= 0x80000000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
