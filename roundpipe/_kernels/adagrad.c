@@ -16,6 +16,8 @@
 #include <stdint.h>
 
 #include "rules.h"
+#include "runner.h"
+#include "adagrad.h"
 
 /* One tensor's scalars, rounded to float as torch rounds them. */
 typedef struct {
@@ -109,4 +111,45 @@ static void adagrad_fp32_span(int64_t first, int64_t n, int64_t tail_start, int6
         const int64_t o = r == RP_TAILVEC ? len[RP_VEC] : len[RP_VEC] + len[RP_TAILVEC];
         if (len[r] > 0) adagrad_fp32_tail(len[r], r, p + o, g + o, sum + o, k, unscale);
     }
+}
+
+/* ---- the step: the engine's scheduler over adagrad_fp32_span ------------------ */
+
+typedef struct {
+    adagrad_consts k; /* clr is per tensor: rp_tensor.scalar[0] */
+    int unscale;
+    int64_t torch_vec;
+} adagrad_ctx;
+
+static void adagrad_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p, float *g, float *const *s,
+                            const void *ctx_)
+{
+    const adagrad_ctx *ctx = ctx_;
+    adagrad_consts k = ctx->k;
+    k.clr = t->scalar[0];
+    const int64_t tail_start = t->numel - t->numel % ctx->torch_vec;
+    adagrad_fp32_span(first, n, tail_start, t->numel, p, g, s[0], &k, ctx->unscale);
+}
+
+static void adagrad_chunk(const rp_tensor *t, int64_t begin, int64_t end, const void *ctx_)
+{
+    const adagrad_ctx *ctx = ctx_;
+    rp_staged_span(t, begin, end, 1, ctx->unscale, adagrad_fp32_fn, ctx);
+}
+
+int rp_adagrad_step(const rp_run_opts *run, const rp_adagrad_hyper *h, rp_tensor *tensors, int64_t n_tensors,
+                    const rp_chunk *chunks, int64_t n_chunks)
+{
+    if (rp_skipped(run)) return 0;
+    for (int64_t i = 0; i < n_tensors; i++) { /* torch._foreach_add_(state_steps, 1), then clr per tensor */
+        rp_tensor *t = &tensors[i];
+        *t->step += 1.0f;
+        t->scalar[0] = adagrad_clr(h->lr, h->lr_decay, *t->step);
+    }
+    adagrad_ctx ctx;
+    adagrad_consts_init(&ctx.k, h->lr, h->lr_decay, h->weight_decay, h->eps, h->maximize, run->grad_scale, 1.0f);
+    ctx.unscale = run->grad_scale != NULL;
+    ctx.torch_vec = run->torch_vec;
+    rp_run(run, tensors, n_tensors, chunks, n_chunks, adagrad_chunk, &ctx);
+    return 1;
 }

@@ -31,6 +31,8 @@
 #include <stdint.h>
 
 #include "rules.h"
+#include "runner.h"
+#include "lion.h"
 
 typedef struct {
     float decay;        /* (float)(1 - lr*wd), wd divided by the initial lr if decoupled */
@@ -81,4 +83,40 @@ static void lion_fp32_span(int64_t first, int64_t n, int64_t tail_start, int64_t
     (void)first, (void)tail_start, (void)numel;
     if (k->maximize) lion_elements(n, p, g, m, k, 1);
     else lion_elements(n, p, g, m, k, 0);
+}
+
+/* ---- the step: the engine's scheduler over lion_fp32_span ---------------------- */
+
+typedef struct {
+    lion_consts k;
+    int unscale;
+    float grad_scale;
+} lion_ctx;
+
+static void lion_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p, float *g, float *const *s,
+                         const void *ctx_)
+{
+    const lion_ctx *ctx = ctx_;
+    if (ctx->unscale) /* GradScaler: unscale in place first (lion-pytorch has no grad scale) */
+        for (int64_t i = 0; i < n; i++) g[i] = g[i] / ctx->grad_scale;
+    lion_fp32_span(first, n, 0, t->numel, p, g, s[0], &ctx->k);
+}
+
+static void lion_chunk(const rp_tensor *t, int64_t begin, int64_t end, const void *ctx_)
+{
+    const lion_ctx *ctx = ctx_;
+    rp_staged_span(t, begin, end, 1, ctx->unscale, lion_fp32_fn, ctx);
+}
+
+int rp_lion_step(const rp_run_opts *run, const rp_lion_hyper *h, rp_tensor *tensors, int64_t n_tensors,
+                 const rp_chunk *chunks, int64_t n_chunks)
+{
+    if (rp_skipped(run)) return 0;
+    lion_ctx ctx;
+    lion_consts_init(&ctx.k, h->lr, h->beta1, h->beta2, h->weight_decay, h->decoupled_weight_decay, h->init_lr,
+                     h->maximize);
+    ctx.unscale = run->grad_scale != NULL;
+    ctx.grad_scale = run->grad_scale ? *run->grad_scale : 1.0f;
+    rp_run(run, tensors, n_tensors, chunks, n_chunks, lion_chunk, &ctx);
+    return 1;
 }

@@ -23,6 +23,8 @@
 #include <stdint.h>
 
 #include "rules.h"
+#include "runner.h"
+#include "sgd.h"
 
 /* One param group's scalars, rounded to float as torch rounds them:
    scalar_t(x) of a double, computed in double first (1 - dampening, -lr). */
@@ -148,4 +150,42 @@ static void sgd_fp32_span(int64_t first, int64_t n, int64_t tail_start, int64_t 
         if (len[r] > 0)
             sgd_fp32_tail(len[r], r, p + o, g + o, buf ? buf + o : NULL, k, mode, nesterov, unscale);
     }
+}
+
+/* ---- the step: the engine's scheduler over sgd_fp32_span -------------------- */
+
+typedef struct {
+    sgd_consts k;
+    int momentum_on, nesterov, unscale;
+    int64_t torch_vec;
+} sgd_ctx;
+
+static void sgd_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p, float *g, float *const *s,
+                        const void *ctx_)
+{
+    const sgd_ctx *ctx = ctx_;
+    const int64_t tail_start = t->numel - t->numel % ctx->torch_vec;
+    sgd_fp32_span(first, n, tail_start, t->numel, p, g, s[0], &ctx->k, ctx->momentum_on, ctx->nesterov,
+                  t->fresh, ctx->unscale);
+}
+
+static void sgd_chunk(const rp_tensor *t, int64_t begin, int64_t end, const void *ctx_)
+{
+    const sgd_ctx *ctx = ctx_;
+    rp_staged_span(t, begin, end, ctx->momentum_on, ctx->unscale, sgd_fp32_fn, ctx);
+}
+
+int rp_sgd_step(const rp_run_opts *run, const rp_sgd_hyper *h, rp_tensor *tensors, int64_t n_tensors,
+                const rp_chunk *chunks, int64_t n_chunks)
+{
+    if (rp_skipped(run)) return 0;
+    sgd_ctx ctx;
+    sgd_consts_init(&ctx.k, h->lr, h->momentum, h->dampening, h->weight_decay, h->maximize, run->grad_scale);
+    ctx.momentum_on = h->momentum != 0.0;
+    ctx.nesterov = h->nesterov != 0;
+    ctx.unscale = run->grad_scale != NULL;
+    ctx.torch_vec = run->torch_vec;
+    rp_run(run, tensors, n_tensors, chunks, n_chunks, sgd_chunk, &ctx);
+    for (int64_t i = 0; i < n_tensors; i++) tensors[i].fresh = 0; /* the buffers hold a grad now */
+    return 1;
 }

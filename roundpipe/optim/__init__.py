@@ -1,12 +1,16 @@
-"""CPU-optimized Adam/AdamW, drop-in replacements for torch.optim.Adam/AdamW.
+"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad and Lion.
 
 Importing this package compiles (once per host, then cached) and loads the C
-kernel; see roundpipe._build.
+kernels; see roundpipe._build.
 """
 
-from .adam import Adam, AdamW, native_available
 from .. import _build
+from ._engine import FusedOptimizer, native_available
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .lion import Lion
+from .sgd import SGD
 
 _build.load_kernel()
 
-__all__ = ["Adam", "AdamW", "native_available"]
+__all__ = ["Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "SGD", "native_available"]
