@@ -24,6 +24,7 @@
  */
 #include "runner.h"
 #include "adam.h"
+#include "stochastic_round.h"
 
 /* Adam's state slots in rp_tensor.state, in the order of Adam._state_keys */
 enum { EXP_AVG = 0, EXP_AVG_SQ = 1, MAX_EXP_AVG_SQ = 2 };
@@ -54,7 +55,8 @@ typedef struct {
 static inline __attribute__((always_inline)) void adam_elements(
     int64_t n, void *restrict p, float *restrict master, void *restrict g, void *restrict m,
     void *restrict v, void *restrict vmax, const rp_consts *k, const int pdt, const int mdt,
-    const int vdt, const int amsgrad, const int unscale, const int torch_tail)
+    const int vdt, const int amsgrad, const int unscale, const int torch_tail,
+    const int sr, const uint32_t sr_base, const uint32_t sr_key)
 {
     const rp_consts c = *k; /* locals: the compiler must see they don't alias */
     /* torch's vector maximum() returns all-ones bits when either side is NaN */
@@ -108,7 +110,10 @@ static inline __attribute__((always_inline)) void adam_elements(
         /* both NaN: torch's tail returns the param's NaN (its first operand) */
         const float out = (torch_tail && pi != pi) ? pi : pi + update;
         if (master) master[i] = out;
-        store_elem(p, pdt, i, out); /* with a master: the master rounded to bf16 */
+        if (sr) /* bf16_stochastic_round: the bits of element sr_base + i of this step, see stochastic_round.h */
+            ((uint16_t *)p)[i] = rp_bf16_sr(out, rp_sr_hash(sr_base + (uint32_t)i, sr_key));
+        else
+            store_elem(p, pdt, i, out); /* with a master: the master rounded to bf16 */
     }
 }
 
@@ -118,11 +123,11 @@ static void adam_fp32_body(int64_t n, float *p, float *g, float *m, float *v, fl
                            const rp_consts *k, int amsgrad, int unscale)
 {
     if (amsgrad) {
-        if (unscale) adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 1, 1, 0);
-        else adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 1, 0, 0);
+        if (unscale) adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 1, 1, 0, 0, 0, 0);
+        else adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 1, 0, 0, 0, 0, 0);
     } else {
-        if (unscale) adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 0, 1, 0);
-        else adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 0, 0, 0);
+        if (unscale) adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 0, 1, 0, 0, 0, 0);
+        else adam_elements(n, p, NULL, g, m, v, vmax, k, F32, F32, F32, 0, 0, 0, 0, 0, 0);
     }
 }
 
@@ -135,11 +140,11 @@ __attribute__((noinline)) static void adam_fp32_tail(int64_t n, float *p, float 
     for (int64_t i = 0; i < n; i++) {
         float *x = amsgrad ? vmax + i : NULL;
         if (amsgrad) {
-            if (unscale) adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 1, 1, 1);
-            else adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 1, 0, 1);
+            if (unscale) adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 1, 1, 1, 0, 0, 0);
+            else adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 1, 0, 1, 0, 0, 0);
         } else {
-            if (unscale) adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 0, 1, 1);
-            else adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 0, 0, 1);
+            if (unscale) adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 0, 1, 1, 0, 0, 0);
+            else adam_elements(1, p + i, NULL, g + i, m + i, v + i, x, k, F32, F32, F32, 0, 0, 1, 0, 0, 0);
         }
     }
 }
@@ -177,9 +182,39 @@ static void adam_bf16_direct(int64_t n, void *p, float *master, void *g, void *m
                              const rp_consts *k)
 {
     /* A literal NULL, so that the variant without a master has no branch on it. */
-    if (!master) adam_elements(n, p, NULL, g, m, v, NULL, k, RP_BF16, RP_BF16, RP_BF16, 0, 0, 0);
-    else if (mdt == RP_BF16) adam_elements(n, p, master, g, m, v, NULL, k, RP_BF16, RP_BF16, RP_BF16, 0, 0, 0);
-    else adam_elements(n, p, master, g, m, v, NULL, k, RP_BF16, RP_F32, RP_F32, 0, 0, 0);
+    if (!master) adam_elements(n, p, NULL, g, m, v, NULL, k, RP_BF16, RP_BF16, RP_BF16, 0, 0, 0, 0, 0, 0);
+    else if (mdt == RP_BF16) adam_elements(n, p, master, g, m, v, NULL, k, RP_BF16, RP_BF16, RP_BF16, 0, 0, 0, 0, 0, 0);
+    else adam_elements(n, p, master, g, m, v, NULL, k, RP_BF16, RP_F32, RP_F32, 0, 0, 0, 0, 0, 0);
+}
+
+/* fp32 params with bf16 moments (exp_avg_dtype = exp_avg_sq_dtype = bf16, the
+   low-memory layout): the moments are converted in registers, so a step moves
+   20 bytes per element instead of 28. Through the staging blocks it moved the
+   same bytes but ran slower than the fp32-moment step (issue 12). No amsgrad;
+   with and without a grad scale. Vector-loop elements only, as above. */
+static void adam_f32_bf16m_direct(int64_t n, float *p, float *g, void *m, void *v, const rp_consts *k,
+                                  int unscale)
+{
+    if (unscale) adam_elements(n, p, NULL, g, m, v, NULL, k, RP_F32, RP_BF16, RP_BF16, 0, 1, 0, 0, 0, 0);
+    else adam_elements(n, p, NULL, g, m, v, NULL, k, RP_F32, RP_BF16, RP_BF16, 0, 0, 0, 0, 0, 0);
+}
+
+/* bf16 params with stochastic rounding (bf16_stochastic_round=True) in torch's
+   layout (bf16 moments), no amsgrad or grad scale: elements [first, first+n) of
+   the tensor, every one by the vector loop's rules (no torch tail: the result
+   is not torch's anyway), the param stored with rp_bf16_sr. The hash runs on
+   32-bit lanes, so the span is split where the index crosses a multiple of 2^32. */
+static void adam_bf16_sr_direct(int64_t first, int64_t n, uint16_t *p, uint16_t *g, uint16_t *m, uint16_t *v,
+                                const rp_consts *k, uint64_t key)
+{
+    while (n > 0) {
+        const uint64_t hi = (uint64_t)first >> 32;
+        const int64_t room = (int64_t)(((hi + 1) << 32) - (uint64_t)first);
+        const int64_t len = n < room ? n : room;
+        adam_elements(len, p, NULL, g, m, v, NULL, k, RP_BF16, RP_BF16, RP_BF16, 0, 0, 0,
+                      1, (uint32_t)first, rp_sr_span_key(key, (uint32_t)hi));
+        p += len, g += len, m += len, v += len, first += len, n -= len;
+    }
 }
 
 #ifdef __F16C__
@@ -207,7 +242,7 @@ static void adam_bf16_direct(int64_t n, void *p, float *master, void *g, void *m
         F16_LOAD(g);                                                               \
         F16_LOAD(m);                                                               \
         F16_LOAD(v);                                                               \
-        adam_elements(F16_W, pb, NULL, gb, mb, vb, NULL, k, F32, F32, F32, 0, UNS, 0); \
+        adam_elements(F16_W, pb, NULL, gb, mb, vb, NULL, k, F32, F32, F32, 0, UNS, 0, 0, 0, 0); \
         F16_STORE(p);                                                              \
         if (UNS) F16_STORE(g);                                                     \
         F16_STORE(m);                                                              \
@@ -221,7 +256,7 @@ static void adam_bf16_direct(int64_t n, void *p, float *master, void *g, void *m
         float gb[F16_W];                                                                     \
         F16_LOAD(g);                                                                         \
         adam_elements(F16_W, master + s, NULL, gb, fm + s, fv + s, NULL, k,                  \
-                      F32, F32, F32, 0, UNS, 0);                                             \
+                      F32, F32, F32, 0, UNS, 0, 0, 0, 0);                                             \
         const float *pb = master + s;                                                        \
         F16_STORE(p);                                                                        \
         if (UNS) F16_STORE(g);                                                               \
@@ -275,11 +310,21 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
        leave, goes through the staging blocks below. */
     const int64_t vec_end = e < tail_start ? e : tail_start;
     int64_t direct_end = b;
+    if (t->seed && pdt == RP_BF16 && mdt == RP_BF16 && vdt == RP_BF16 && !t->master && !amsgrad && !unscale) {
+        adam_bf16_sr_direct(b, e - b, (uint16_t *)t->param + b, (uint16_t *)t->grad + b,
+                            (uint16_t *)t->state[EXP_AVG] + b, (uint16_t *)t->state[EXP_AVG_SQ] + b, k, t->sr_key);
+        return;
+    }
     if (b < vec_end && bf16_direct_ok(pdt, mdt, vdt, t->master != NULL, amsgrad, unscale)) {
         direct_end = vec_end;
         adam_bf16_direct(direct_end - b, (uint16_t *)t->param + b, t->master ? t->master + b : NULL,
                          (uint16_t *)t->grad + b, (char *)t->state[EXP_AVG] + b * msz, (char *)t->state[EXP_AVG_SQ] + b * vsz,
                          mdt, k);
+    }
+    else if (b < vec_end && pdt == RP_F32 && !t->master && mdt == RP_BF16 && vdt == RP_BF16 && !amsgrad) {
+        direct_end = vec_end;
+        adam_f32_bf16m_direct(direct_end - b, (float *)t->param + b, (float *)t->grad + b,
+                              (uint16_t *)t->state[EXP_AVG] + b, (uint16_t *)t->state[EXP_AVG_SQ] + b, k, unscale);
     }
 #ifdef __F16C__
     /* fp16 in torch's layout, or with a master and fp32 moments; no amsgrad */
@@ -323,7 +368,11 @@ static void adam_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts 
             const int64_t o = part ? nb : 0, len = part ? n - nb : nb;
             const uint32_t nan_bits = part ? tail_nan : RP_BF16_NAN_VEC;
             if (len == 0) continue;
-            if (pdt != RP_F32) store_block(param + o * psz, pdt, p + o, len, nan_bits); /* from the master, if any */
+            if (t->seed) /* bf16_stochastic_round: the layouts without a direct loop */
+                for (int64_t j = 0; j < len; j++)
+                    ((uint16_t *)param)[o + j] = rp_bf16_sr(p[o + j], rp_sr_bits(t->sr_key, (uint64_t)(s + o + j)));
+            else if (pdt != RP_F32)
+                store_block(param + o * psz, pdt, p + o, len, nan_bits); /* from the master, if any */
             if (unscale && pdt != RP_F32) store_block(grad + o * psz, pdt, g + o, len, nan_bits);
             if (mdt != RP_F32) store_block(ea + o * msz, mdt, m + o, len, nan_bits);
             if (vdt != RP_F32) store_block(es + o * vsz, vdt, v + o, len, nan_bits);
@@ -396,6 +445,7 @@ int rp_adam_step(const rp_run_opts *run, const rp_adam_hyper *h, rp_tensor *tens
         }
         t->scalar[0] = last_nss;
         t->scalar[1] = last_bc2;
+        if (t->seed) t->sr_key = rp_sr_key((uint64_t)*t->seed, (uint64_t)step); /* this step's random bits */
     }
     adam_ctx ctx;
     consts_for_group(h, run, &ctx.group);

@@ -21,6 +21,8 @@ typedef struct {
     int64_t numel;
     int32_t param_dtype;
     int32_t state_dtype[3];
+    const int64_t *seed;    /* the `sr_seed` state tensor with stochastic rounding, or NULL */
+    uint64_t sr_key;        /* this step's key for the random bits, from seed and step     */
     int32_t fresh;          /* 1 on the first step of state the engine just created       */
     int32_t reserved;
     /* Per-tensor scalars, written by the rule's entry point once per step,

@@ -316,6 +316,16 @@ class FusedOptimizer(Optimizer):
         """What the C arrays depend on in a group, beyond the state dtypes: a change rebuilds them."""
         return ()
 
+    def _check_param(self, p: Tensor, group: dict[str, Any], where: str) -> None:
+        """Raise for a param the rule's options do not allow (beyond _check_tensor's rules)."""
+
+    def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """State tensors beyond _state_keys that the C code reads by their own rp_tensor field."""
+        return ()
+
+    def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        """Set the rule's own rp_tensor fields for param p (besides pointers, dtypes, step)."""
+
     def _fallback_step(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The same step through torch's own kernels, for hosts without a compiler."""
         raise NotImplementedError
@@ -539,13 +549,14 @@ class FusedOptimizer(Optimizer):
                 continue
             at = f"param group {gi}, param {i}"
             _check_tensor(p, g, at, self._NAME, self._PARAM_DTYPES)
+            self._check_param(p, group, at)
             layout = self._layout(group, p)
             if p.is_complex() and any(d != p.dtype for d in layout[1].values()):
                 raise TypeError(f"roundpipe {self._NAME}: {at} is complex; state dtype options apply "
                                 "to real params only")
             st = self.state.get(p)
             if st:
-                self._check_state(p, st, layout, at)
+                self._check_state(p, st, layout, at, self._extra_state(group))
             plan.group_index.append(i)
             plan.params.append(p)
             plan.grads.append(g)
@@ -553,9 +564,17 @@ class FusedOptimizer(Optimizer):
         return plan
 
     def _check_state(self, p: Tensor, st: dict[str, Any], layout: tuple[bool, dict[str, torch.dtype]],
-                     where: str) -> None:
+                     where: str, extra: tuple[str, ...] = ()) -> None:
         """A param's existing state must be what the C code will read: keys, dtypes, shapes, memory."""
         who = self._NAME
+        for name in extra:  # an int64 scalar each (sr_seed); one missing is created on the first step
+            t = st.get(name)
+            if t is not None and not (isinstance(t, Tensor) and t.numel() == 1 and t.dtype == torch.int64
+                                      and t.device.type == "cpu" and not _is_dtensor(t)):
+                raise RuntimeError(f"roundpipe {who}: {where} has state[{name!r}] = {t!r}; it must be a "
+                                   "1-element int64 CPU tensor")
+            if isinstance(t, Tensor):
+                _check_allocated(t, f"state[{name!r}]", where, who)
         master, dtypes = layout
         expected = dict(dtypes)
         if master and "master_param" in st:
@@ -626,7 +645,7 @@ class FusedOptimizer(Optimizer):
         plan.grad_sig = plan.signature(plan.grads)
         plan.param_bytes = plan.storage_bytes(plan.params)
         plan.grad_bytes = plan.storage_bytes(plan.grads)
-        keys = [*(["step"] if self._HAS_STEP else []), *self._state_keys(group)]
+        keys = [*(["step"] if self._HAS_STEP else []), *self._state_keys(group), *self._extra_state(group)]
         if group.get("master_weights") and any(p.dtype in _LOW_PRECISION for p in plan.params):
             keys.append("master_param")
         plan.state_keys = tuple(keys)
@@ -657,6 +676,7 @@ class FusedOptimizer(Optimizer):
             t.numel = views[0].numel()
             t.param_dtype = _DTYPE_CODES[views[0].dtype]
             t.fresh = plan.fresh[i]
+            self._fill_tensor(t, ffi, p, st, plan.group)
         n_chunks = lib.rp_plan_chunks(tensors, n, CHUNK_ELEMS, ffi.NULL, 0)
         chunks = ffi.new("rp_chunk[]", max(n_chunks, 1))
         lib.rp_plan_chunks(tensors, n, CHUNK_ELEMS, chunks, n_chunks)

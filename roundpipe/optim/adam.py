@@ -112,9 +112,10 @@ class Adam(FusedOptimizer):
     _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
         "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
         "fused": None, "decoupled_weight_decay": False, "master_weights": False, "exp_avg_dtype": None,
-        "exp_avg_sq_dtype": None,
+        "exp_avg_sq_dtype": None, "bf16_stochastic_round": False,
     }
-    _BOOL_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+    _BOOL_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay",
+                     "bf16_stochastic_round")
     _STATE_DTYPE_OPTIONS: ClassVar[dict[str, str]] = {
         "exp_avg": "exp_avg_dtype", "exp_avg_sq": "exp_avg_sq_dtype", "max_exp_avg_sq": "exp_avg_sq_dtype",
     }
@@ -137,7 +138,10 @@ class Adam(FusedOptimizer):
         master_weights: bool = False,
         exp_avg_dtype: torch.dtype | None = None,
         exp_avg_sq_dtype: torch.dtype | None = None,
+        bf16_stochastic_round: bool = False,
     ) -> None:
+        if bf16_stochastic_round is True and master_weights is True:
+            raise ValueError("bf16_stochastic_round=True replaces master weights: use one or the other")
         if isinstance(betas, (tuple, list)) and len(betas) == 2 and \
                 isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
@@ -157,22 +161,41 @@ class Adam(FusedOptimizer):
             "master_weights": master_weights,
             "exp_avg_dtype": exp_avg_dtype,
             "exp_avg_sq_dtype": exp_avg_sq_dtype,
+            "bf16_stochastic_round": bf16_stochastic_round,
         }
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+        if group.get("bf16_stochastic_round") is True and group.get("master_weights") is True:
+            raise ValueError(f"bf16_stochastic_round=True replaces master weights: use one or the other{where}")
+
+    def _check_param(self, p: Tensor, group: dict[str, Any], where: str) -> None:
+        if group.get("bf16_stochastic_round") and p.dtype != torch.bfloat16:
+            raise TypeError(f"roundpipe Adam: {where} has dtype {p.dtype}; bf16_stochastic_round=True "
+                            "rounds bfloat16 params only")
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
     def _config(self, group: dict[str, Any]) -> tuple:
-        return (bool(group["amsgrad"]),)
+        return (bool(group["amsgrad"]), bool(group.get("bf16_stochastic_round")))
+
+    def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("sr_seed",) if group.get("bf16_stochastic_round") else ()
+
+    def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        if group.get("bf16_stochastic_round"):
+            if "sr_seed" not in st:  # state from a checkpoint without stochastic rounding
+                st["sr_seed"] = _new_seed()
+            t.seed = ffi.cast("int64_t *", st["sr_seed"].data_ptr())
 
     def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
         for key, dtype in dtypes.items():
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        if group.get("bf16_stochastic_round"):
+            state["sr_seed"] = _new_seed()
         return state
 
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
@@ -210,17 +233,25 @@ class AdamW(Adam):
         master_weights: bool = False,
         exp_avg_dtype: torch.dtype | None = None,
         exp_avg_sq_dtype: torch.dtype | None = None,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             master_weights=master_weights, exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
+
+
+def _new_seed() -> Tensor:
+    """A param's seed for stochastic rounding, from torch's generator: reproducible under
+    torch.manual_seed, saved in the state so that a resumed run draws the same bits."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 # ---- fallback --------------------------------------------------------------------
@@ -237,15 +268,21 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     real = lambda t: torch.view_as_real(t) if t.is_complex() else t  # noqa: E731
     lists: list[list[Tensor]] = [[], [], [], [], [], []]
     write_back: list[tuple[Tensor, Tensor]] = []
+    rounded: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (param, fp32 result, seed, step): stochastic
+    sr = bool(group.get("bf16_stochastic_round"))
     for p, g, st in zip(plan.params, plan.grads, plan.states):
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if bool(plan.group["amsgrad"]) else [])
         master = st.get("master_param") if bool(group.get("master_weights")) and p.dtype in _LOW_PRECISION else None
-        if master is None and all(st[n].dtype == p.dtype for n in names):
+        if master is None and not sr and all(st[n].dtype == p.dtype for n in names):
             tensors = [real(p), real(g)] + [real(st[n]) for n in names]
         else:
             work = master if master is not None else p.float()
             tensors = [work, g.float()] + [st[n].float() for n in names]
-            write_back += [(p, work)] + [(st[n], t) for n, t in zip(names, tensors[2:], strict=True)]
+            write_back += [(st[n], t) for n, t in zip(names, tensors[2:], strict=True)]
+            if sr:
+                rounded.append((p, work, st["sr_seed"], st["step"]))
+            else:
+                write_back.append((p, work))
             if grad_scale is not None:  # the fused kernel unscaled the fp32 copy of the grad in place
                 write_back.append((g, tensors[1]))
         for lst, t in zip(lists, tensors[:4] + ([tensors[4]] if bool(plan.group["amsgrad"]) else [])):
@@ -266,3 +303,23 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     for dst, src in write_back:
         if dst.data_ptr() != src.data_ptr():
             dst.copy_(src)
+    if found_inf is None or found_inf.item() == 0.0:
+        for p, work, seed, step in rounded:
+            p.view(torch.int16).copy_(_bf16_stochastic_bits(work, int(seed), int(step.item())))
+
+
+_M64 = (1 << 64) - 1
+
+
+def _bf16_stochastic_bits(x: Tensor, seed: int, step: int) -> Tensor:
+    """stochastic_round.h in torch ops: x (fp32) rounded to bf16 bits with the kernel's random bits."""
+    z = (seed + 0x9E3779B97F4A7C15 * (step + 1)) & _M64  # rp_sr_key: splitmix64 of (seed, step)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    key = z ^ (z >> 31)
+    idx = torch.arange(x.numel(), dtype=torch.int64).view(x.shape)
+    key32 = (key & 0xFFFFFFFF) ^ (((idx >> 32) * 0x9E3779B1) & 0xFFFFFFFF)
+    r = ((((idx & 0xFFFFFFFF) ^ key32) * 0x9E3779B1) & 0xFFFFFFFF) >> 16  # int64 wraps: the low 32 bits hold
+    u = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = torch.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, (u + (r & 0xFFFF)) >> 16)
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)
