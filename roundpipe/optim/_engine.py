@@ -438,6 +438,10 @@ class FusedOptimizer(Optimizer):
                     value = saved.get(key)
                     if isinstance(value, Tensor) and value.is_floating_point() and st[key].dtype != dtype:
                         st[key] = value.to(device=p.device, dtype=dtype, copy=True)
+                for key in self._extra_state(group):  # integer state (sr_seed): torch casts it to floats
+                    value = saved.get(key)
+                    if isinstance(value, Tensor) and not value.is_floating_point():
+                        st[key] = value.to(device=p.device, copy=True)
             self._plans.clear()
 
     # ---- step ------------------------------------------------------------------------
