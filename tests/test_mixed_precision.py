@@ -21,7 +21,7 @@ def make(sizes, dtype, seed=0):
     return [torch.randn(n, generator=gen).to(dtype) for n in sizes], gen
 
 
-@pytest.mark.parametrize("dtype,amsgrad,decay", itertools.product(LOW, [False, True], ["none", "adam", "adamw"]))
+@pytest.mark.parametrize("dtype,amsgrad,decay", list(itertools.product(LOW, [False, True], ["none", "adam", "adamw"])))
 def test_low_precision_params_bit_identical_to_torch_fused(dtype, amsgrad, decay):
     init, gen = make(SIZES, dtype)
     a = [p.clone().requires_grad_() for p in init]
@@ -57,7 +57,7 @@ def reference_master_run(init, grads_per_step, **kw):
     return lows, masters, opt
 
 
-@pytest.mark.parametrize("dtype,amsgrad", itertools.product(LOW, [False, True]))
+@pytest.mark.parametrize("dtype,amsgrad", list(itertools.product(LOW, [False, True])))
 def test_master_weights_bit_identical_to_reference_sequence(dtype, amsgrad):
     init, gen = make(SIZES, dtype)
     steps = [[torch.randn(p.shape, generator=gen).to(dtype) for p in init] for _ in range(25)]
@@ -265,15 +265,26 @@ def test_mismatched_grad_dtype_raises_before_anything_changes():
 
 
 def grads_with_specials(shape, gen, dtype, step):
+    """Random grads; at steps 4 and 9, NaN and +-Inf where each of torch's loops reads them.
+
+    torch's fp32 kernel runs 8 lanes and its bf16/fp16 kernels 16, each followed by a scalar
+    tail loop (which writes a bf16 NaN as 0x7FC0 where the vector loop writes 0xFFFF). So a NaN
+    goes into the vector loop (positions 3, 17, 37), into the last element (every tail), and at
+    n - n % 16 when n % 16 >= 8: in [n - n % 16, n - n % 8), which is the tail for 16-bit
+    dtypes but the vector loop for fp32. A kernel that took 8-lane tails for 16-bit dtypes
+    writes the wrong NaN bits there."""
     g = torch.randn(shape, generator=gen)
-    if step in (4, 9) and g.numel() > 40:
-        # vector-loop positions, and the last element, which is in torch's tail loop
-        g.view(-1)[[3, 17, 37, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+    n = g.numel()
+    if step in (4, 9) and n > 40:
+        flat = g.view(-1)
+        flat[[3, 17, 37, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+        if n % 16 >= 8:
+            flat[n - n % 16] = float("nan")
     return g.to(dtype)
 
 
-@pytest.mark.parametrize("dtype,amsgrad,maximize,decay,scaled", itertools.product(
-    LOW, [False, True], [False, True], ["none", "adam", "adamw"], [False, True]))
+@pytest.mark.parametrize("dtype,amsgrad,maximize,decay,scaled", list(itertools.product(
+    LOW, [False, True], [False, True], ["none", "adam", "adamw"], [False, True])))
 def test_low_precision_flags_and_nans_match_torch_fused(dtype, amsgrad, maximize, decay, scaled):
     """bf16 runs the direct loops, fp16 the staging blocks."""
     init, gen = make(SIZES, dtype, seed=3)
@@ -301,8 +312,8 @@ def test_low_precision_flags_and_nans_match_torch_fused(dtype, amsgrad, maximize
             assert_bits_equal(oa.state[x][k], ob.state[y][k], f"state {k} of param {i}")
 
 
-@pytest.mark.parametrize("param_dtype,amsgrad,decay", itertools.product(
-    [torch.bfloat16, torch.float32], [False, True], ["none", "adam", "adamw"]))
+@pytest.mark.parametrize("param_dtype,amsgrad,decay", list(itertools.product(
+    [torch.bfloat16, torch.float32], [False, True], ["none", "adam", "adamw"])))
 def test_bf16_moments_match_fp32_reference(param_dtype, amsgrad, decay):
     """bf16 moments on bf16 params with master weights, and on fp32 params: each step computes
     in fp32 from the stored bf16 moments and rounds them to nearest-even when it stores them.
@@ -377,8 +388,8 @@ def test_fp16_conversions_match_torch_on_every_half_and_many_floats():
     assert_bits_equal(p, master.to(torch.float16), "fp16 param rounded from its master")
 
 
-@pytest.mark.parametrize("layout,amsgrad,decay", itertools.product(
-    ["fp32", "bf16-master"], [False, True], ["none", "adam"]))
+@pytest.mark.parametrize("layout,amsgrad,decay", list(itertools.product(
+    ["fp32", "bf16-master"], [False, True], ["none", "adam"])))
 def test_scaled_maximize_nan_signs_match_torch_fused(layout, amsgrad, decay):
     """With a grad scale, torch's fp32 vector loop negates the grad for maximize (a NaN keeps
     its sign flipped) even with coupled decay, where it otherwise folds the -1 into the decay.
@@ -407,9 +418,9 @@ def test_scaled_maximize_nan_signs_match_torch_fused(layout, amsgrad, decay):
             assert_bits_equal(opt.state[p][k], ref.state[r][k], f"state {k} of param {i}")
 
 
-@pytest.mark.parametrize("layout,maximize,decay", itertools.product(
+@pytest.mark.parametrize("layout,maximize,decay", list(itertools.product(
     ["bf16 params, fp32 moments", "fp16 params, fp32 moments", "fp32 params, bf16 moments",
-     "bf16 master, bf16 moments"], [False, True], ["adam", "adamw"]))
+     "bf16 master, bf16 moments"], [False, True], ["adam", "adamw"])))
 def test_roundpipe_only_layouts_match_the_torch_fallback(layout, maximize, decay):
     """Layouts torch's fused kernel does not take are a fp32 step on fp32 copies: the native
     kernel must give the bits of roundpipe's own torch fallback (_torch_fused_step), which runs
