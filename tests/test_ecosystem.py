@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
 
-from conftest import assert_bits_equal, run_python
+from conftest import Run, assert_bits_equal, assert_same_run, run_python
 
 import roundpipe.optim as rpo
 
@@ -61,11 +61,8 @@ def assert_same_params(a: list[torch.Tensor], b: list[torch.Tensor], what: str) 
 
 
 def assert_same_state(opt_a, params_a, opt_b, params_b, what: str) -> None:
-    for i, (pa, pb) in enumerate(zip(params_a, params_b)):
-        sa, sb = opt_a.state[pa], opt_b.state[pb]
-        assert sa.keys() == sb.keys(), f"{what}: param {i} state keys {sorted(sa)} vs {sorted(sb)}"
-        for k in sb:
-            assert_bits_equal(sa[k], sb[k], f"{what}: state[{k!r}] of param {i}")
+    """Params and every state tensor, bit for bit, with the same state keys."""
+    assert_same_run(Run(list(params_a), opt_a), Run(list(params_b), opt_b), what)
 
 
 def lr_value(lr) -> float:
@@ -100,7 +97,9 @@ def test_lr_scheduler_matches_torch_step_for_step(name, lr_tensor):
     ref = torch_adam(two_groups(ref_p, lr_tensor), weight_decay=0.01)
     s_ours, s_ref = SCHEDULERS[name](ours), SCHEDULERS[name](ref)
     seen_lr, seen_beta1 = set(), set()
+    updates = []  # mean |change| of group 0's params per step
     for step in range(SCHED_STEPS):
+        before = [p.detach().clone() for p in ours_p[:2]]
         for g_ours, g_ref in zip(ours.param_groups, ref.param_groups):
             # The scheduler drives both optimizers to the same hyperparameters...
             assert isinstance(g_ours["lr"], torch.Tensor) == lr_tensor
@@ -115,11 +114,15 @@ def test_lr_scheduler_matches_torch_step_for_step(name, lr_tensor):
         s_ref.step()
         # ...and roundpipe's step honours them, bit for bit, at every step.
         assert_same_params(ours_p, ref_p, f"{name} step {step}")
+        updates.append(torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(ours_p[:2], before, strict=True)]).mean())
     assert_same_state(ours, ours_p, ref, ref_p, name)
     assert s_ours.get_last_lr() == s_ref.get_last_lr()
     assert len(seen_lr) > 2, "the schedule never changed the lr"
     if name == "OneCycleLR":
         assert len(seen_beta1) > 2, "OneCycleLR never cycled beta1"
+    if name == "StepLR":  # and the step size followed the lr: 16x smaller after four halvings.
+        # Adam's first update is lr * sign(g) per element; later ones average |m/sqrt(v)| < 1.
+        assert updates[-1] < updates[0] / 5, (updates[0], updates[-1])
 
 
 # ---- checkpoints -------------------------------------------------------------------
@@ -140,6 +143,9 @@ def test_state_dict_layout_matches_torch():
     run_steps(ours, ours_p, range(3), mirror=(ref, ref_p))
     sd_ours, sd_ref = ours.state_dict(), ref.state_dict()
     assert sd_ours["state"].keys() == sd_ref["state"].keys()
+    for st in sd_ours["state"].values():
+        assert set(st) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
     for k in sd_ref["state"]:
         assert sd_ours["state"][k].keys() == sd_ref["state"][k].keys()
         for name, v in sd_ref["state"][k].items():
@@ -227,7 +233,7 @@ def test_switch_torch_to_roundpipe_and_back():
 
 
 def test_roundpipe_checkpoint_into_torch_fused():
-    kw = dict(lr=0.01, betas=(0.85, 0.99))
+    kw = dict(lr=0.01, betas=(0.85, 0.99), amsgrad=True)
     ref_p = make_params()
     ref = torch_adam(ref_p, **kw)
     run_steps(ref, ref_p, range(10))

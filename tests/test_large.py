@@ -24,8 +24,7 @@ import roundpipe.optim as rpo
 from roundpipe import _build
 from roundpipe.optim import adam as rp_adam
 
-KERNEL = _build.load_kernel()
-needs_native = pytest.mark.skipif(KERNEL is None, reason="the compiled kernel did not load")
+KERNEL = _build.load_kernel()  # ImportError here when it fails: conftest sets ROUNDPIPE_REQUIRE_NATIVE=1
 
 BIG_SIZES = [2**31 - 1, 2**31, 2**31 + 1, 0, 5, 2**32 + 17, 3 * 2**31 + 5]
 
@@ -68,7 +67,6 @@ def _check_plan(sizes, chunk_elems, chunks):
     return step
 
 
-@needs_native
 @pytest.mark.parametrize("sizes,chunk_elems", [
     (BIG_SIZES, rp_adam.CHUNK_ELEMS), (BIG_SIZES, 1 << 20), (BIG_SIZES, 3 * 2**20 + 5),
     ([1, 31, 32, 33, 1000, 0, 4097], 1), ([1, 31, 32, 33, 1000, 0, 4097], 1000),
@@ -82,7 +80,6 @@ def test_chunk_planner_above_2_31(sizes, chunk_elems):
     assert count == sum(-(-n // step) for n in sizes)
 
 
-@needs_native
 @pytest.mark.parametrize("chunk_elems", [2**31 + 40, 2**32 + 7, 2**40])
 def test_chunk_planner_with_chunks_above_2_31(chunk_elems):
     sizes = [2**33 + 3, 2**31 + 1, 7, 2**32]
@@ -94,7 +91,6 @@ def test_chunk_planner_with_chunks_above_2_31(chunk_elems):
         assert spans[0, 2] - spans[0, 1] == min(n, chunk_elems - chunk_elems % 32)
 
 
-@needs_native
 def test_chunk_planner_honours_capacity():
     sizes = [2**32 + 17, 2**31 + 1]
     count, _, full = _plan(sizes, rp_adam.CHUNK_ELEMS)
@@ -125,7 +121,6 @@ def _window(mm, b, e):
     return torch.frombuffer(mm, dtype=torch.float32, count=e - b, offset=b * 4)
 
 
-@needs_native
 @pytest.mark.skipif(not hasattr(mmap, "MAP_ANONYMOUS"), reason="needs anonymous mmap")
 def test_step_indexes_above_2_32_in_reserved_address_space():
     import warnings

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import assert_bits_equal
+from conftest import Run, assert_bits_equal, assert_same_run, randn_grads, randn_params, train_twins
 
 import roundpipe.optim as rpo
 
@@ -23,24 +23,10 @@ def make(sizes, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype,amsgrad,decay", list(itertools.product(LOW, [False, True], ["none", "adam", "adamw"])))
 def test_low_precision_params_bit_identical_to_torch_fused(dtype, amsgrad, decay):
-    init, gen = make(SIZES, dtype)
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
     kw = dict(lr=1e-2, amsgrad=amsgrad, weight_decay=0.0 if decay == "none" else 0.1,
               decoupled_weight_decay=decay == "adamw")
-    oa, ob = rpo.Adam(a, **kw), torch.optim.Adam(b, fused=True, **kw)
-    for _ in range(30):
-        for x, y in zip(a, b):
-            g = torch.randn(x.shape, generator=gen).to(dtype)
-            x.grad, y.grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_bits_equal(x, y, f"param {i}")
-        assert oa.state[x].keys() == ob.state[y].keys()
-        for k in ob.state[y]:
-            assert oa.state[x][k].dtype == ob.state[y][k].dtype
-            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"state {k} of param {i}")
+    train_twins(rpo.Adam, torch.optim.Adam, params=randn_params(*SIZES, dtype=dtype), grads=randn_grads(),
+                steps=30, kwargs=kw, ref_kwargs={"fused": True})
 
 
 def reference_master_run(init, grads_per_step, **kw):
@@ -80,16 +66,9 @@ def test_master_weights_bit_identical_to_reference_sequence(dtype, amsgrad):
 
 
 def test_master_weights_ignored_for_fp32_params():
-    init, gen = make([1003], torch.float32)
-    a, b = [init[0].clone().requires_grad_()], [init[0].clone().requires_grad_()]
-    oa, ob = rpo.Adam(a, master_weights=True), torch.optim.Adam(b, fused=True)
-    for _ in range(5):
-        g = torch.randn(1003, generator=gen)
-        a[0].grad, b[0].grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-    assert "master_param" not in oa.state[a[0]]
-    assert_bits_equal(a[0], b[0], "fp32 param")
+    ours, _ = train_twins(rpo.Adam, torch.optim.Adam, params=randn_params(1003), grads=randn_grads(), steps=5,
+                          ours_kwargs={"master_weights": True}, ref_kwargs={"fused": True})
+    assert "master_param" not in ours.opt.state[ours.params[0]]
 
 
 def test_master_state_dict_round_trip_is_exact(tmp_path):
@@ -114,11 +93,7 @@ def test_master_state_dict_round_trip_is_exact(tmp_path):
             opt.step()
         return ps, opt
 
-    (pa, oa), (pb, ob) = run(split=-1), run(split=10)
-    for x, y in zip(pa, pb):
-        assert_bits_equal(x, y, "param after reload")
-        for k in oa.state[x]:
-            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"state {k} after reload")
+    assert_same_run(Run(*run(split=-1)), Run(*run(split=10)), "after reload")
 
 
 def test_bf16_moments_drift_is_bounded():
@@ -181,10 +156,7 @@ def test_grad_scaler_fused_matches_torch_fused():
     m1, o1, s1 = scaler_run(lambda m: rpo.Adam(m.parameters(), lr=1e-2), None)
     m2, o2, s2 = scaler_run(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, fused=True), None)
     assert s1 == s2 and s1[3] < s1[2]  # the inf step halved the scale
-    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
-        assert_bits_equal(a, b, n)
-        for k in o2.state[b]:
-            assert_bits_equal(o1.state[a][k], o2.state[b][k], f"{n} state {k}")
+    assert_same_run(Run(list(m1.parameters()), o1), Run(list(m2.parameters()), o2), "GradScaler")
     # the skipped step left the counters at steps - skipped
     assert all(st["step"].item() == 7 for st in o1.state.values())
 
@@ -287,29 +259,22 @@ def grads_with_specials(shape, gen, dtype, step):
     LOW, [False, True], [False, True], ["none", "adam", "adamw"], [False, True])))
 def test_low_precision_flags_and_nans_match_torch_fused(dtype, amsgrad, maximize, decay, scaled):
     """bf16 runs the direct loops, fp16 the staging blocks."""
-    init, gen = make(SIZES, dtype, seed=3)
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
     kw = dict(lr=1e-2, amsgrad=amsgrad, maximize=maximize, weight_decay=0.0 if decay == "none" else 0.1,
               decoupled_weight_decay=decay == "adamw")
-    oa, ob = rpo.Adam(a, **kw), torch.optim.Adam(b, fused=True, **kw)
-    for s in range(12):
-        for x, y in zip(a, b):
-            g = grads_with_specials(x.shape, gen, dtype, s)
-            if scaled:
-                g = g * 64  # exact in bf16: a power of two
-            x.grad, y.grad = g.clone(), g.clone()
-        if scaled:  # the attributes GradScaler sets; both optimizers read them in step()
-            for o in (oa, ob):
-                o.grad_scale, o.found_inf = torch.tensor(64.0), torch.tensor(0.0)
-        oa.step()
-        ob.step()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_bits_equal(x, y, f"param {i}")
+
+    def grads(step, params):
+        gen = torch.Generator().manual_seed(3 + 7919 * step)
+        gs = [grads_with_specials(p.shape, gen, dtype, step) for p in params]
+        return [g * 64 for g in gs] if scaled else gs  # * 64: exact in bf16, a power of two
+
+    def scale(step, opt, params):  # the attributes GradScaler sets; both optimizers read them in step()
         if scaled:
+            opt.grad_scale, opt.found_inf = torch.tensor(64.0), torch.tensor(0.0)
+    ours, ref = train_twins(rpo.Adam, torch.optim.Adam, params=randn_params(*SIZES, seed=3, dtype=dtype),
+                            grads=grads, steps=12, kwargs=kw, ref_kwargs={"fused": True}, before_step=scale)
+    if scaled:
+        for i, (x, y) in enumerate(zip(ours.params, ref.params, strict=True)):
             assert_bits_equal(x.grad, y.grad, f"unscaled grad {i}")
-        for k in ob.state[y]:
-            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"state {k} of param {i}")
 
 
 @pytest.mark.parametrize("param_dtype,amsgrad,decay", list(itertools.product(
@@ -428,24 +393,20 @@ def test_roundpipe_only_layouts_match_the_torch_fallback(layout, maximize, decay
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[layout[:4]]
     moments = torch.bfloat16 if "bf16 moments" in layout else torch.float32
     master = "master" in layout
-    init, gen = make(SIZES, dtype, seed=13)
     kw = dict(lr=1e-2, maximize=maximize, weight_decay=0.1, decoupled_weight_decay=decay == "adamw",
               master_weights=master, exp_avg_dtype=moments, exp_avg_sq_dtype=moments)
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
-    native, fallback = rpo.Adam(a, **kw), rpo.Adam(b, **kw)
-    fallback._kernel = None  # what a host without a compiler runs
+
+    def fallback(params, **kw):
+        opt = rpo.Adam(params, **kw)
+        opt._kernel = None  # what a host without a compiler runs
+        return opt
     # NaN/Inf grads except where torch's own bits are not a fixed rule: its .float() of an fp16
     # NaN depends on where the element falls, and so does the NaN sign of AdamW + maximize in its
     # fp32 kernel (the known difference in tests/test_reliability.py)
     specials = dtype != torch.float16 and not (maximize and decay == "adamw")
-    for s in range(10):
-        for x, y in zip(a, b):
-            g = grads_with_specials(x.shape, gen, dtype, s if specials else 0)
-            x.grad, y.grad = g.clone(), g.clone()
-        native.step()
-        fallback.step()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_bits_equal(x, y, f"param {i}")
-        for k in native.state[x]:
-            assert_bits_equal(native.state[x][k], fallback.state[y][k], f"state {k} of param {i}")
+
+    def grads(step, params):
+        gen = torch.Generator().manual_seed(13 + 7919 * step)
+        return [grads_with_specials(p.shape, gen, dtype, step if specials else 0) for p in params]
+    train_twins(rpo.Adam, fallback, params=randn_params(*SIZES, seed=13, dtype=dtype), grads=grads, steps=10,
+                kwargs=kw)
