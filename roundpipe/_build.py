@@ -397,7 +397,7 @@ class _FileLock:
     def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT_S) -> None:
         self.path, self.timeout, self.fd = path, timeout, -1
 
-    def __enter__(self) -> "_FileLock":
+    def __enter__(self) -> _FileLock:
         if fcntl is None:
             raise BuildError("building the kernel needs fcntl file locks, which this platform lacks",
                              fix="use Linux or macOS; roundpipe.optim.Adam works here as torch's fused Adam")

@@ -123,7 +123,7 @@ def test_eight_processes_on_an_empty_cache_build_once(tmp_path, cache, monkeypat
                 p.kill()
                 p.wait()
     results = []
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         results.append(result_of(subprocess.CompletedProcess(p.args, p.returncode, out, err)))
     assert all(r["native"] for r in results)

@@ -50,13 +50,13 @@ def set_grads(step: int, *param_lists: list[torch.Tensor], seed: int = 1) -> Non
     gen = torch.Generator().manual_seed(seed * 100_003 + step)
     grads = [torch.randn(p.shape, generator=gen) for p in param_lists[0]]
     for params in param_lists:
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
 
 
 def assert_same_params(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> None:
     assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert_bits_equal(x, y, f"{what}: param {i}")
 
 
@@ -100,7 +100,7 @@ def test_lr_scheduler_matches_torch_step_for_step(name, lr_tensor):
     updates = []  # mean |change| of group 0's params per step
     for step in range(SCHED_STEPS):
         before = [p.detach().clone() for p in ours_p[:2]]
-        for g_ours, g_ref in zip(ours.param_groups, ref.param_groups):
+        for g_ours, g_ref in zip(ours.param_groups, ref.param_groups, strict=True):
             # The scheduler drives both optimizers to the same hyperparameters...
             assert isinstance(g_ours["lr"], torch.Tensor) == lr_tensor
             assert lr_value(g_ours["lr"]) == lr_value(g_ref["lr"])
@@ -380,7 +380,7 @@ def test_step_pre_and_post_hooks():
     (pa, la), (pb, lb) = results
     assert [e[0] for e in la] == ["pre", "post"] * 4
     assert [e[:2] if e[0] == "pre" else e[0] for e in la] == [e[:2] if e[0] == "pre" else e[0] for e in lb]
-    for ea, eb in zip(la, lb):
+    for ea, eb in zip(la, lb, strict=True):
         if ea[0] == "post":  # the post hook saw the updated params
             assert_bits_equal(ea[1], eb[1], "param seen by the post hook")
     assert not torch.equal(la[1][1], la[3][1])
@@ -460,7 +460,7 @@ def test_optimizer_in_backward_matches_a_normal_step():
         assert all(p.grad is None for p in model_ib.parameters())
         assert_same_params(list(model_ib.parameters()), list(model_ref.parameters()), f"step {step}")
     assert len(stepped) == 10 * len(optimizers)
-    for p_ib, p_ref in zip(model_ib.parameters(), model_ref.parameters()):
+    for p_ib, p_ref in zip(model_ib.parameters(), model_ref.parameters(), strict=True):
         st_ib, st_ref = optimizers[p_ib].state[p_ib], ref.state[p_ref]
         for k in st_ref:
             assert_bits_equal(st_ib[k], st_ref[k], f"state[{k!r}]")

@@ -35,10 +35,10 @@ def reference_master_run(init, grads_per_step, **kw):
     masters = [p.float().requires_grad_() for p in init]
     opt = torch.optim.Adam(masters, fused=True, **kw)
     for grads in grads_per_step:
-        for m, g in zip(masters, grads):
+        for m, g in zip(masters, grads, strict=True):
             m.grad = g.float()
         opt.step()
-        for low, m in zip(lows, masters):
+        for low, m in zip(lows, masters, strict=True):
             low.copy_(m.detach())
     return lows, masters, opt
 
@@ -51,11 +51,11 @@ def test_master_weights_bit_identical_to_reference_sequence(dtype, amsgrad):
     ours = [p.clone().requires_grad_() for p in init]
     opt = rpo.Adam(ours, master_weights=True, **kw)
     for grads in steps:
-        for p, g in zip(ours, grads):
+        for p, g in zip(ours, grads, strict=True):
             p.grad = g.clone()
         opt.step()
     lows, masters, ref = reference_master_run(init, steps, **kw)
-    for i, (p, low, m) in enumerate(zip(ours, lows, masters)):
+    for i, (p, low, m) in enumerate(zip(ours, lows, masters, strict=True)):
         st = opt.state[p]
         assert st["master_param"].dtype == torch.float32
         assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
@@ -88,7 +88,7 @@ def test_master_state_dict_round_trip_is_exact(tmp_path):
                 for p in ps:
                     assert opt.state[p]["master_param"].dtype == torch.float32
                     assert opt.state[p]["exp_avg"].dtype == torch.float32
-            for p, g in zip(ps, gs):
+            for p, g in zip(ps, gs, strict=True):
                 p.grad = g.clone()
             opt.step()
         return ps, opt
@@ -168,12 +168,12 @@ class _Masters:
         self.params = [p.detach().float().requires_grad_() for p in model.parameters()]
 
     def pull_grads(self, model):
-        for m, p in zip(self.params, model.parameters()):
+        for m, p in zip(self.params, model.parameters(), strict=True):
             m.grad = p.grad.float()
 
     def push_params(self, model):
         with torch.no_grad():
-            for m, p in zip(self.params, model.parameters()):
+            for m, p in zip(self.params, model.parameters(), strict=True):
                 p.copy_(m)
 
 
@@ -195,7 +195,7 @@ def test_grad_scaler_with_master_weights_matches_reference(dtype):
 
     m2, o2, s2 = scaler_run(ref_factory, Lazy(), dtype=dtype)
     assert s1 == s2
-    for (n, a), b, mref in zip(m1.named_parameters(), m2.parameters(), holder["m"].params):
+    for (n, a), b, mref in zip(m1.named_parameters(), m2.parameters(), holder["m"].params, strict=True):
         assert_bits_equal(a, b, n)
         assert_bits_equal(o1.state[a]["master_param"], mref, f"{n} master")
 
@@ -295,10 +295,10 @@ def test_bf16_moments_match_fp32_reference(param_dtype, amsgrad, decay):
     ref = torch.optim.Adam(ref_params, fused=True, **kw)
     for s in range(12):
         grads = [grads_with_specials(p.shape, gen, param_dtype, s) for p in init]
-        for p, g in zip(ours, grads):
+        for p, g in zip(ours, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-        for r, g in zip(ref_params, grads):
+        for r, g in zip(ref_params, grads, strict=True):
             r.grad = g.float()
         ref.step()
         with torch.no_grad():
@@ -307,7 +307,7 @@ def test_bf16_moments_match_fp32_reference(param_dtype, amsgrad, decay):
                     if k != "step":
                         t.copy_(t.to(low_dtype).float())  # what bf16 storage keeps of the moments
     names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-    for i, (p, r) in enumerate(zip(ours, ref_params)):
+    for i, (p, r) in enumerate(zip(ours, ref_params, strict=True)):
         st = opt.state[p]
         assert_bits_equal(p, r.to(param_dtype), f"param {i}")
         if param_dtype != torch.float32:
@@ -370,13 +370,13 @@ def test_scaled_maximize_nan_signs_match_torch_fused(layout, amsgrad, decay):
     ref = torch.optim.Adam(refs, fused=True, **kw)
     for s in range(12):
         grads = [grads_with_specials(p.shape, gen, dtype, s) * 64 for p in init]
-        for p, r, g in zip(ours, refs, grads):
+        for p, r, g in zip(ours, refs, grads, strict=True):
             p.grad, r.grad = g.clone(), g.float()
         for o in (opt, ref):
             o.grad_scale, o.found_inf = torch.tensor(64.0), torch.tensor(0.0)
         opt.step()
         ref.step()
-    for i, (p, r) in enumerate(zip(ours, refs)):
+    for i, (p, r) in enumerate(zip(ours, refs, strict=True)):
         assert_bits_equal(opt.state[p]["master_param"] if master else p, r, f"param or master {i}")
         assert_bits_equal(p, r.to(dtype), f"param {i}")
         for k in ref.state[r]:

@@ -73,8 +73,8 @@ def test_param_groups_add_group_zero_grad_closure_and_none_grads():
         if step == 0:
             pa.append(b)
             pr.append(y)
-        la = ours.step(lambda: closure(pa))
-        lb = ref.step(lambda: closure(pr))
+        la = ours.step(lambda pa=pa: closure(pa))
+        lb = ref.step(lambda pr=pr: closure(pr))
         assert la.item() == lb.item()
     for u, v in [(a, x), (b, y), (c, z), (empty, e2)]:
         assert_bits_equal(u, v, "param")
