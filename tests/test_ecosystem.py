@@ -325,15 +325,14 @@ def test_zero_grad_and_backward_accumulation(set_to_none):
 
 
 def test_step_with_closure():
-    results = []
-    for cls, kw in ((rpo.Adam, {}), (torch.optim.Adam, {"fused": True})):
+    def run(cls, kw):
         model = _mlp(1)
         opt = cls(model.parameters(), lr=0.01, **kw)
         calls = []
         for step in range(8):
             x, y = _batch(step)
 
-            def closure():
+            def closure(x=x, y=y):
                 opt.zero_grad()
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
@@ -343,8 +342,8 @@ def test_step_with_closure():
             loss = opt.step(closure)
             assert isinstance(loss, torch.Tensor)
             calls.append(loss.item())
-        results.append((list(model.parameters()), calls))
-    (pa, ca), (pb, cb) = results
+        return list(model.parameters()), calls
+    (pa, ca), (pb, cb) = [run(cls, kw) for cls, kw in ((rpo.Adam, {}), (torch.optim.Adam, {"fused": True}))]
     assert ca == cb  # same losses returned, closure ran with grad enabled in both
     assert True in ca
     assert_same_params(pa, pb, "step(closure)")
@@ -352,8 +351,7 @@ def test_step_with_closure():
 
 def test_step_pre_and_post_hooks():
     """A pre hook that rewrites grads and a post hook that reads the result; same calls, same params."""
-    results = []
-    for cls, kw in ((rpo.Adam, {}), (torch.optim.Adam, {"fused": True})):
+    def run(cls, kw):
         params = make_params(2)
         opt = cls(params, lr=0.01, **kw)
         log = []
@@ -376,8 +374,8 @@ def test_step_pre_and_post_hooks():
                 h_pre.remove()
                 h_post.remove()
             opt.step()
-        results.append((params, log))
-    (pa, la), (pb, lb) = results
+        return params, log
+    (pa, la), (pb, lb) = [run(cls, kw) for cls, kw in ((rpo.Adam, {}), (torch.optim.Adam, {"fused": True}))]
     assert [e[0] for e in la] == ["pre", "post"] * 4
     assert [e[:2] if e[0] == "pre" else e[0] for e in la] == [e[:2] if e[0] == "pre" else e[0] for e in lb]
     for ea, eb in zip(la, lb, strict=True):
@@ -392,7 +390,8 @@ def test_state_dict_and_load_state_dict_hooks():
     ref_p = twin(ours_p)
     ours, ref = rpo.Adam(ours_p, lr=0.01), torch_adam(ref_p, lr=0.01)
     run_steps(ours, ours_p, range(3), mirror=(ref, ref_p))
-    for opt, params in ((ours, ours_p), (ref, ref_p)):
+
+    def hooked_reload(opt):
         calls = []
 
         def sd_pre(optimizer):
@@ -424,6 +423,8 @@ def test_state_dict_and_load_state_dict_hooks():
         opt.load_state_dict(sd)
         assert calls == ["sd_pre", "sd_post", "load_pre", "load_post"]
         assert opt.param_groups[0]["lr"] == 0.002
+    hooked_reload(ours)
+    hooked_reload(ref)
     assert all(g["fused"] is True for g in ref.param_groups)  # torch reloaded its own groups: still fused
     run_steps(ours, ours_p, range(3, 8), mirror=(ref, ref_p))
     assert_same_params(ours_p, ref_p, "after hooked reload with lr=0.002")
