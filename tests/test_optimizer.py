@@ -121,7 +121,7 @@ CHANGES = {
 }
 
 
-@pytest.mark.parametrize("name", CHANGES)
+@pytest.mark.parametrize("name", list(CHANGES))
 def test_plan_cache_follows_changes_between_steps(name):
     train_twins(rpo.Adam, torch.optim.Adam, params=randn_params(40, 9), grads=randn_grads(), steps=8,
                 kwargs=dict(lr=1e-2), ref_kwargs={"fused": True},
