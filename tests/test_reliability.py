@@ -137,8 +137,8 @@ class Model:
 
 
 def assert_same_training(ours: Model, ref: Model) -> None:
-    def run(m: Model) -> Run:
-        return Run([p for g in m.opt.param_groups for p in g["params"]], m.opt)
+    def run(m: Model) -> Run:  # the meta param (ours only: torch fused refuses it) is never stepped
+        return Run([p for g in m.opt.param_groups for p in g["params"] if p.device.type != "meta"], m.opt)
     if len(ours.opt.param_groups) != len(ref.opt.param_groups):
         raise AssertionError("a different number of param groups")
     assert_same_run(run(ours), run(ref))
@@ -301,6 +301,8 @@ def test_bad_hyperparameters_at_construction(kw, match):
         torch.optim.Adam(_params(3), **kw)
     with pytest.raises(errors, match=match):
         rpo.Adam(_params(3), **kw)
+    if "betas" in kw and isinstance(kw["betas"][0], torch.Tensor):
+        return  # torch checks the float/Tensor mix of the defaults only, not per group; so does roundpipe
     # in the second of two groups: the message says which group
     with pytest.raises((TypeError, ValueError, RuntimeError), match=r"param group 1\b"):
         rpo.Adam([{"params": _params(3)}, {"params": _params(4), **kw}])
