@@ -615,7 +615,7 @@ class _FileLock:
     def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT_S) -> None:
         self.path, self.timeout, self.fd = path, timeout, -1
 
-    def __enter__(self) -> "_FileLock":
+    def __enter__(self) -> _FileLock:
         if fcntl is None:
             raise _no_fcntl()
         deadline = time.monotonic() + self.timeout
@@ -749,6 +749,7 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
 def _build_or_reuse(root: Path, key: str, inputs: dict[str, Any], cc: list[str], force: bool,
                     t0: float, owners: frozenset[int]) -> ModuleType:
     entry, rebuild = root / key, force
+    seconds: float | None  # None from an entry written before build_seconds was recorded
     for attempt in range(2):
         with _FileLock(root / f"{key}.lock"):
             _sweep(root, key)

@@ -54,6 +54,7 @@ import argparse
 import contextlib
 import cProfile
 import datetime
+import functools
 import gc
 import io
 import json
@@ -64,7 +65,8 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -214,7 +216,7 @@ def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float3
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
     sets = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(grad_sets)]
-    for p, g in zip(params, sets[0]):
+    for p, g in zip(params, sets[0], strict=True):
         p.grad = g
     return params, sets
 
@@ -366,7 +368,7 @@ def summarize(name: str, threads: int, numel: int, n_tensors: int, entries: list
         row["frac_roofline"] = row["gb_s"] / roof_gbs if roof_gbs else None
         rows[e.name] = row
     if ref in rows:
-        for n, row in rows.items():
+        for row in rows.values():
             row[f"{ref}_speedup"] = row["median_s"] / rows[ref]["median_s"]
     disturbed = max([e.disturbed for e in entries] + [0])
     return Result(name, threads, numel, n_tensors, rows, note, kind, ref, disturbed_rounds=disturbed)
@@ -408,7 +410,7 @@ def new_grads_hook(params: list, sets: list[list[torch.Tensor]]) -> Callable[[in
     """Before step r, hand every param grad tensors that are not the ones of step r-1."""
     def before(r: int) -> None:
         gs = sets[r % len(sets)]
-        for p, g in zip(params, gs):
+        for p, g in zip(params, gs, strict=True):
             p.grad = g
     return before
 
@@ -477,7 +479,7 @@ class TorchMasterSeq:
         self.prealloc = prealloc
         if prealloc:
             self.g32 = [torch.empty_like(m) for m in self.masters]
-            for m, g in zip(self.masters, self.g32):
+            for m, g in zip(self.masters, self.g32, strict=True):
                 m.grad = g
         self.opt = torch.optim.Adam(self.masters, lr=LR, fused=True)
 
@@ -488,10 +490,10 @@ class TorchMasterSeq:
                 self.opt.step()
                 torch._foreach_copy_([p.data for p in self.params], self.masters)
             else:
-                for m, p in zip(self.masters, self.params):
+                for m, p in zip(self.masters, self.params, strict=True):
                     m.grad = p.grad.float()
                 self.opt.step()
-                for m, p in zip(self.masters, self.params):
+                for m, p in zip(self.masters, self.params, strict=True):
                     p.copy_(m)
 
 
@@ -562,7 +564,8 @@ def bench_grad_scaler(w: Workload, args: argparse.Namespace, threads: int) -> Re
     tf = torch.optim.Adam(params, lr=LR, fused=True)
     entries = [
         # unscale in the step: read g and write it back unscaled (+4), as torch's fused kernel does
-        Entry("roundpipe step(grad_scale,found_inf)", lambda: rp.step(grad_scale=scale, found_inf=found_inf), 32),
+        Entry("roundpipe step(grad_scale,found_inf)", functools.partial(rp.step, grad_scale=scale, found_inf=found_inf),
+              32),  # partial, not a lambda: rp is deleted below
         Entry("torch-fused step(grad_scale,found_inf)", tf.step, 32),
     ]
     tf.grad_scale, tf.found_inf = scale, found_inf  # torch's fused Adam reads them as attributes
@@ -666,7 +669,7 @@ def bench_in_backward(args: argparse.Namespace, threads: int) -> list[Result]:
                     sum(q.numel() for q in torch.nn.Linear(width, width).parameters()) * depth, nparams,
                     entries, None, "", kind="overhead")
     base = res.rows["no optimizer (fwd+bwd only)"]["median_s"]
-    for name, row in res.rows.items():
+    for row in res.rows.values():
         row["optimizer_us_per_param"] = (row["median_s"] - base) / nparams * 1e6
     res.note = ("us per training iteration (forward+backward with one optimizer per param stepped in its "
                 "post-accumulate-grad hook). Optimizer cost per param: " + ", ".join(
@@ -1246,21 +1249,21 @@ def main(argv: list[str] | None = None) -> int:
         for th in thread_list:
             torch.set_num_threads(th)
             todo: list[tuple[str, Callable[[], Any]]] = [
-                ("big", lambda: bench_fp32(big, args, th, warmup=args.warmup, reps=args.reps)),
-                ("mix", lambda: bench_fp32(mix, args, th, warmup=args.warmup, reps=args.reps)),
-                ("small", lambda: bench_fp32(small, args, th, warmup=args.warmup, reps=args.reps)),
-                ("tiny", lambda: bench_fp32(tiny, args, th, warmup=args.warmup, reps=args.overhead_rounds,
+                ("big", lambda th=th: bench_fp32(big, args, th, warmup=args.warmup, reps=args.reps)),
+                ("mix", lambda th=th: bench_fp32(mix, args, th, warmup=args.warmup, reps=args.reps)),
+                ("small", lambda th=th: bench_fp32(small, args, th, warmup=args.warmup, reps=args.reps)),
+                ("tiny", lambda th=th: bench_fp32(tiny, args, th, warmup=args.warmup, reps=args.overhead_rounds,
                                             inner=args.overhead_inner, kind="overhead")),
-                ("in-backward", lambda: bench_in_backward(args, th)),
-                ("per-tensor", lambda: bench_per_tensor(args, th)),
-                ("master-weights", lambda: bench_master_weights(
+                ("in-backward", lambda th=th: bench_in_backward(args, th)),
+                ("per-tensor", lambda th=th: bench_per_tensor(args, th)),
+                ("master-weights", lambda th=th: bench_master_weights(
                     Workload("mixed: bf16 params, master_weights=True", mixed.shapes, mixed.note), args, th)),
-                ("bf16", lambda: bench_low_precision_params(
+                ("bf16", lambda th=th: bench_low_precision_params(
                     Workload("mixed: bf16 params and state (no master)", mixed.shapes, mixed.note), args, th)),
-                ("fp16", lambda: bench_low_precision_params(
+                ("fp16", lambda th=th: bench_low_precision_params(
                     Workload("mixed: fp16 params and state (no master)", mixed.shapes, mixed.note), args, th,
                     torch.float16)),
-                ("grad-scaler", lambda: bench_grad_scaler(
+                ("grad-scaler", lambda th=th: bench_grad_scaler(
                     Workload("GradScaler: unscale + step", mix.shapes, mix.note), args, th)),
             ]
             for key, fn in todo:

@@ -72,7 +72,8 @@ def main() -> None:
         print(f"{name:>22}: optimizer.step() {1e3 * t / STEPS:7.2f} ms/step   speed-up of roundpipe: {t / ours:5.2f}x")
     same = all(
         torch.equal(a, b)
-        for a, b in zip(results["roundpipe Adam"][2].parameters(), results["torch Adam fused=True"][2].parameters())
+        for a, b in zip(results["roundpipe Adam"][2].parameters(), results["torch Adam fused=True"][2].parameters(),
+                        strict=True)
     )
     print(f"\nroundpipe's weights are bit-identical to torch fused=True: {same}")
 

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -21,39 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_python
+from conftest import ISOLATED, TESTS_DIR, entries, make_cc, needs_compiler, run_python
 
 from roundpipe import _build
 
-REAL_CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-ISOLATED = ("CC", "ROUNDPIPE_REQUIRE_NATIVE", "ROUNDPIPE_NO_CACHE", "ROUNDPIPE_CACHE_DIR")
 LAST_JSON = "print('RESULT ' + json.dumps(result))"
-
-
-def needs_compiler() -> str:
-    if REAL_CC is None:
-        pytest.fail("these tests need a C compiler (cc, gcc or clang) on PATH")
-    return REAL_CC
-
-
-def make_cc(directory: Path, *, log: Path | None = None, slow: Path | None = None,
-            started: Path | None = None, fail_with: str | None = None) -> str:
-    """A compiler wrapper: logs each compile (-c) to `log`, sleeps while `slow` exists
-    (touching `started` first), or fails compiles printing `fail_with`; otherwise runs cc."""
-    real = needs_compiler()
-    lines = ["#!/bin/sh", 'case " $* " in', '  *" -c "*)']
-    if log:
-        lines.append(f'    echo "$$ $*" >> "{log}"')
-    if slow:
-        lines.append(f'    if [ -e "{slow}" ]; then touch "{started}"; sleep 60; fi')
-    if fail_with:
-        lines += [f'    echo "{fail_with}" >&2', '    echo "compilation terminated." >&2', "    exit 1"]
-    lines += ["    ;;", "esac", f'exec "{real}" "$@"', ""]
-    path = directory / "fake-cc"
-    path.write_text("\n".join(lines))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return str(path)
+pytestmark = pytest.mark.native_optional  # builds and falls back in subprocesses of its own
 
 
 def result_of(proc: subprocess.CompletedProcess) -> dict:
@@ -62,10 +34,6 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise AssertionError(f"no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-
-
-def entries(cache: Path) -> list[Path]:
-    return sorted(p for p in cache.iterdir() if p.is_dir() and _build._KEY_RE.fullmatch(p.name))
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +124,7 @@ def test_eight_processes_on_an_empty_cache_build_once(tmp_path, cache, monkeypat
                 p.kill()
                 p.wait()
     results = []
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         results.append(result_of(subprocess.CompletedProcess(p.args, p.returncode, out, err)))
     assert all(r["native"] for r in results)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from test_build import ISOLATED, TESTS_DIR, entries, make_cc, needs_compiler
+from conftest import ISOLATED, TESTS_DIR, entries, make_cc, needs_compiler
 
 import roundpipe
+
+pytestmark = pytest.mark.native_optional  # each command runs in a subprocess with its own settings
 
 
 def cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:

@@ -138,7 +138,7 @@ def scenario_ddp_and_zero(rank: int, world: int, outdir: Path) -> dict:
         dist.barrier()
         ckpt = torch.load(outdir / f"{tag}.ckpt.pt", weights_only=True)
         with torch.no_grad():
-            for p, saved in zip(ddp.module.parameters(), ckpt["params"]):
+            for p, saved in zip(ddp.module.parameters(), ckpt["params"], strict=True):
                 p.copy_(saved)
         zero.load_state_dict(ckpt["optim"])
         _ddp_train(ddp, zero, rank, range(STEPS_A, STEPS_A + STEPS_B))
@@ -157,7 +157,7 @@ def scenario_zero_resume(rank: int, world: int, outdir: Path) -> dict:
         ckpt = torch.load(outdir / f"{tag}.ckpt.pt", weights_only=True)
         model = make_model(seed=123)  # different init: everything must come from the checkpoint
         with torch.no_grad():
-            for p, saved in zip(model.parameters(), ckpt["params"]):
+            for p, saved in zip(model.parameters(), ckpt["params"], strict=True):
                 p.copy_(saved)
         ddp = DDP(model)
         zero = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=rpo.Adam,
@@ -271,7 +271,7 @@ def launch(scenario: str, outdir: Path, world: int = WORLD) -> list[dict]:
                 proc.wait()
     codes = [proc.returncode for proc in procs]
     if failed or any(codes):
-        logs = "\n".join(f"--- rank {r} (exit {c}) ---\n{o[-4000:]}" for r, (c, o) in enumerate(zip(codes, outputs)))
+        logs = "\n".join(f"--- rank {r} (exit {c}) ---\n{o[-4000:]}" for r, (c, o) in enumerate(zip(codes, outputs, strict=True)))
         pytest.fail(f"{scenario}: workers failed\n{logs}")
     return [torch.load(outdir / f"{scenario}.rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -296,7 +296,7 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> None
     from conftest import assert_bits_equal
 
     assert len(a) == len(b), what
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert_bits_equal(x, y, f"{what}, param {i}")
 
 
@@ -376,7 +376,7 @@ def _assert_fsdp_runs(results: list[dict]) -> None:
         assert_same(out["ours_local"], out["ref_local"], f"FSDP2 rank {rank}: local shards, roundpipe vs torch fused")
         if out["ours_full"] is not None:
             assert_same(out["ours_full"], out["ref_full"], f"FSDP2 rank {rank}: full params, roundpipe vs torch fused")
-        for i, (sa, sb) in enumerate(zip(out["ours_state"], out["ref_state"])):
+        for i, (sa, sb) in enumerate(zip(out["ours_state"], out["ref_state"], strict=True)):
             assert sa.keys() == sb.keys()
             for k in sb:
                 assert_bits_equal(sa[k], sb[k], f"FSDP2 rank {rank}: state[{k!r}] of param {i}")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
 
-from conftest import assert_bits_equal, run_python
+from conftest import Run, assert_bits_equal, assert_same_run, run_python
 
 import roundpipe.optim as rpo
 
@@ -50,22 +50,19 @@ def set_grads(step: int, *param_lists: list[torch.Tensor], seed: int = 1) -> Non
     gen = torch.Generator().manual_seed(seed * 100_003 + step)
     grads = [torch.randn(p.shape, generator=gen) for p in param_lists[0]]
     for params in param_lists:
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
 
 
 def assert_same_params(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> None:
     assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert_bits_equal(x, y, f"{what}: param {i}")
 
 
 def assert_same_state(opt_a, params_a, opt_b, params_b, what: str) -> None:
-    for i, (pa, pb) in enumerate(zip(params_a, params_b)):
-        sa, sb = opt_a.state[pa], opt_b.state[pb]
-        assert sa.keys() == sb.keys(), f"{what}: param {i} state keys {sorted(sa)} vs {sorted(sb)}"
-        for k in sb:
-            assert_bits_equal(sa[k], sb[k], f"{what}: state[{k!r}] of param {i}")
+    """Params and every state tensor, bit for bit, with the same state keys."""
+    assert_same_run(Run(list(params_a), opt_a), Run(list(params_b), opt_b), what)
 
 
 def lr_value(lr) -> float:
@@ -100,8 +97,10 @@ def test_lr_scheduler_matches_torch_step_for_step(name, lr_tensor):
     ref = torch_adam(two_groups(ref_p, lr_tensor), weight_decay=0.01)
     s_ours, s_ref = SCHEDULERS[name](ours), SCHEDULERS[name](ref)
     seen_lr, seen_beta1 = set(), set()
+    updates = []  # mean |change| of group 0's params per step
     for step in range(SCHED_STEPS):
-        for g_ours, g_ref in zip(ours.param_groups, ref.param_groups):
+        before = [p.detach().clone() for p in ours_p[:2]]
+        for g_ours, g_ref in zip(ours.param_groups, ref.param_groups, strict=True):
             # The scheduler drives both optimizers to the same hyperparameters...
             assert isinstance(g_ours["lr"], torch.Tensor) == lr_tensor
             assert lr_value(g_ours["lr"]) == lr_value(g_ref["lr"])
@@ -115,11 +114,15 @@ def test_lr_scheduler_matches_torch_step_for_step(name, lr_tensor):
         s_ref.step()
         # ...and roundpipe's step honours them, bit for bit, at every step.
         assert_same_params(ours_p, ref_p, f"{name} step {step}")
+        updates.append(torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(ours_p[:2], before, strict=True)]).mean())
     assert_same_state(ours, ours_p, ref, ref_p, name)
     assert s_ours.get_last_lr() == s_ref.get_last_lr()
     assert len(seen_lr) > 2, "the schedule never changed the lr"
     if name == "OneCycleLR":
         assert len(seen_beta1) > 2, "OneCycleLR never cycled beta1"
+    if name == "StepLR":  # and the step size followed the lr: 16x smaller after four halvings.
+        # Adam's first update is lr * sign(g) per element; later ones average |m/sqrt(v)| < 1.
+        assert updates[-1] < updates[0] / 5, (updates[0], updates[-1])
 
 
 # ---- checkpoints -------------------------------------------------------------------
@@ -140,6 +143,9 @@ def test_state_dict_layout_matches_torch():
     run_steps(ours, ours_p, range(3), mirror=(ref, ref_p))
     sd_ours, sd_ref = ours.state_dict(), ref.state_dict()
     assert sd_ours["state"].keys() == sd_ref["state"].keys()
+    for st in sd_ours["state"].values():
+        assert set(st) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
     for k in sd_ref["state"]:
         assert sd_ours["state"][k].keys() == sd_ref["state"][k].keys()
         for name, v in sd_ref["state"][k].items():
@@ -227,7 +233,7 @@ def test_switch_torch_to_roundpipe_and_back():
 
 
 def test_roundpipe_checkpoint_into_torch_fused():
-    kw = dict(lr=0.01, betas=(0.85, 0.99))
+    kw = dict(lr=0.01, betas=(0.85, 0.99), amsgrad=True)
     ref_p = make_params()
     ref = torch_adam(ref_p, **kw)
     run_steps(ref, ref_p, range(10))
@@ -319,15 +325,14 @@ def test_zero_grad_and_backward_accumulation(set_to_none):
 
 
 def test_step_with_closure():
-    results = []
-    for cls, kw in ((rpo.Adam, {}), (torch.optim.Adam, {"fused": True})):
+    def run(cls, kw):
         model = _mlp(1)
         opt = cls(model.parameters(), lr=0.01, **kw)
         calls = []
         for step in range(8):
             x, y = _batch(step)
 
-            def closure():
+            def closure(x=x, y=y):
                 opt.zero_grad()
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
@@ -337,8 +342,8 @@ def test_step_with_closure():
             loss = opt.step(closure)
             assert isinstance(loss, torch.Tensor)
             calls.append(loss.item())
-        results.append((list(model.parameters()), calls))
-    (pa, ca), (pb, cb) = results
+        return list(model.parameters()), calls
+    (pa, ca), (pb, cb) = [run(cls, kw) for cls, kw in ((rpo.Adam, {}), (torch.optim.Adam, {"fused": True}))]
     assert ca == cb  # same losses returned, closure ran with grad enabled in both
     assert True in ca
     assert_same_params(pa, pb, "step(closure)")
@@ -346,8 +351,7 @@ def test_step_with_closure():
 
 def test_step_pre_and_post_hooks():
     """A pre hook that rewrites grads and a post hook that reads the result; same calls, same params."""
-    results = []
-    for cls, kw in ((rpo.Adam, {}), (torch.optim.Adam, {"fused": True})):
+    def run(cls, kw):
         params = make_params(2)
         opt = cls(params, lr=0.01, **kw)
         log = []
@@ -370,11 +374,11 @@ def test_step_pre_and_post_hooks():
                 h_pre.remove()
                 h_post.remove()
             opt.step()
-        results.append((params, log))
-    (pa, la), (pb, lb) = results
+        return params, log
+    (pa, la), (pb, lb) = [run(cls, kw) for cls, kw in ((rpo.Adam, {}), (torch.optim.Adam, {"fused": True}))]
     assert [e[0] for e in la] == ["pre", "post"] * 4
     assert [e[:2] if e[0] == "pre" else e[0] for e in la] == [e[:2] if e[0] == "pre" else e[0] for e in lb]
-    for ea, eb in zip(la, lb):
+    for ea, eb in zip(la, lb, strict=True):
         if ea[0] == "post":  # the post hook saw the updated params
             assert_bits_equal(ea[1], eb[1], "param seen by the post hook")
     assert not torch.equal(la[1][1], la[3][1])
@@ -386,7 +390,8 @@ def test_state_dict_and_load_state_dict_hooks():
     ref_p = twin(ours_p)
     ours, ref = rpo.Adam(ours_p, lr=0.01), torch_adam(ref_p, lr=0.01)
     run_steps(ours, ours_p, range(3), mirror=(ref, ref_p))
-    for opt, params in ((ours, ours_p), (ref, ref_p)):
+
+    def hooked_reload(opt):
         calls = []
 
         def sd_pre(optimizer):
@@ -418,6 +423,8 @@ def test_state_dict_and_load_state_dict_hooks():
         opt.load_state_dict(sd)
         assert calls == ["sd_pre", "sd_post", "load_pre", "load_post"]
         assert opt.param_groups[0]["lr"] == 0.002
+    hooked_reload(ours)
+    hooked_reload(ref)
     assert all(g["fused"] is True for g in ref.param_groups)  # torch reloaded its own groups: still fused
     run_steps(ours, ours_p, range(3, 8), mirror=(ref, ref_p))
     assert_same_params(ours_p, ref_p, "after hooked reload with lr=0.002")
@@ -454,7 +461,7 @@ def test_optimizer_in_backward_matches_a_normal_step():
         assert all(p.grad is None for p in model_ib.parameters())
         assert_same_params(list(model_ib.parameters()), list(model_ref.parameters()), f"step {step}")
     assert len(stepped) == 10 * len(optimizers)
-    for p_ib, p_ref in zip(model_ib.parameters(), model_ref.parameters()):
+    for p_ib, p_ref in zip(model_ib.parameters(), model_ref.parameters(), strict=True):
         st_ib, st_ref = optimizers[p_ib].state[p_ib], ref.state[p_ref]
         for k in st_ref:
             assert_bits_equal(st_ib[k], st_ref[k], f"state[{k!r}]")

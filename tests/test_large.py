@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import mmap
-import os
 
 import numpy as np
 import pytest
@@ -20,12 +19,10 @@ import torch
 
 from conftest import assert_bits_equal, run_python
 
-import roundpipe.optim as rpo
 from roundpipe import _build
 from roundpipe.optim import adam as rp_adam
 
-KERNEL = _build.load_kernel()
-needs_native = pytest.mark.skipif(KERNEL is None, reason="the compiled kernel did not load")
+KERNEL = _build.load_kernel()  # ImportError here when it fails: conftest sets ROUNDPIPE_REQUIRE_NATIVE=1
 
 BIG_SIZES = [2**31 - 1, 2**31, 2**31 + 1, 0, 5, 2**32 + 17, 3 * 2**31 + 5]
 
@@ -33,7 +30,7 @@ BIG_SIZES = [2**31 - 1, 2**31, 2**31 + 1, 0, 5, 2**32 + 17, 3 * 2**31 + 5]
 def _plan(sizes, chunk_elems, capacity=None, extra=0):
     ffi, lib = KERNEL.ffi, KERNEL.lib
     tensors = ffi.new("rp_tensor[]", len(sizes))  # zeroed: every pointer NULL
-    for t, n in zip(tensors, sizes):
+    for t, n in zip(tensors, sizes, strict=True):
         t.numel = n
     count = lib.rp_plan_chunks(tensors, len(sizes), chunk_elems, ffi.NULL, 0)
     cap = count if capacity is None else capacity
@@ -46,7 +43,7 @@ def _plan(sizes, chunk_elems, capacity=None, extra=0):
 
 def _check_plan(sizes, chunk_elems, chunks):
     """The chunks cover each tensor exactly once, in order, in spans of at most chunk_elems."""
-    tensor, begin, end = chunks[:, 0], chunks[:, 1], chunks[:, 2]
+    tensor = chunks[:, 0]
     assert (np.diff(tensor) >= 0).all()
     step = None
     for i, n in enumerate(sizes):
@@ -68,7 +65,6 @@ def _check_plan(sizes, chunk_elems, chunks):
     return step
 
 
-@needs_native
 @pytest.mark.parametrize("sizes,chunk_elems", [
     (BIG_SIZES, rp_adam.CHUNK_ELEMS), (BIG_SIZES, 1 << 20), (BIG_SIZES, 3 * 2**20 + 5),
     ([1, 31, 32, 33, 1000, 0, 4097], 1), ([1, 31, 32, 33, 1000, 0, 4097], 1000),
@@ -82,7 +78,6 @@ def test_chunk_planner_above_2_31(sizes, chunk_elems):
     assert count == sum(-(-n // step) for n in sizes)
 
 
-@needs_native
 @pytest.mark.parametrize("chunk_elems", [2**31 + 40, 2**32 + 7, 2**40])
 def test_chunk_planner_with_chunks_above_2_31(chunk_elems):
     sizes = [2**33 + 3, 2**31 + 1, 7, 2**32]
@@ -94,7 +89,6 @@ def test_chunk_planner_with_chunks_above_2_31(chunk_elems):
         assert spans[0, 2] - spans[0, 1] == min(n, chunk_elems - chunk_elems % 32)
 
 
-@needs_native
 def test_chunk_planner_honours_capacity():
     sizes = [2**32 + 17, 2**31 + 1]
     count, _, full = _plan(sizes, rp_adam.CHUNK_ELEMS)
@@ -125,7 +119,6 @@ def _window(mm, b, e):
     return torch.frombuffer(mm, dtype=torch.float32, count=e - b, offset=b * 4)
 
 
-@needs_native
 @pytest.mark.skipif(not hasattr(mmap, "MAP_ANONYMOUS"), reason="needs anonymous mmap")
 def test_step_indexes_above_2_32_in_reserved_address_space():
     import warnings
@@ -153,7 +146,7 @@ def test_step_indexes_above_2_32_in_reserved_address_space():
     t.step = ffi.cast("float *", step.data_ptr())
     t.numel = N
     chunks = ffi.new("rp_chunk[]", len(WINDOWS))
-    for c, (b, e) in zip(chunks, WINDOWS):
+    for c, (b, e) in zip(chunks, WINDOWS, strict=True):
         c.tensor, c.begin, c.end = 0, b, e
     h = ffi.new("rp_adam_hyper *")
     h.lr, h.beta1, h.beta2, h.eps, h.weight_decay = 1e-2, 0.9, 0.999, 1e-8, 0.1
@@ -166,20 +159,20 @@ def test_step_indexes_above_2_32_in_reserved_address_space():
     refs = [w.clone().requires_grad_() for w in view["param"]]
     ref_opts = [torch.optim.Adam([r], lr=1e-2, amsgrad=True, weight_decay=0.1, fused=True) for r in refs]
     for _ in range(3):
-        for w, r in zip(view["grad"], refs):
+        for w, r in zip(view["grad"], refs, strict=True):
             w.copy_(torch.randn(w.shape, generator=gen))
             r.grad = w.clone()
         assert lib.rp_adam_step(run, h, tensors, 1, chunks, len(WINDOWS)) == 1
         for o in ref_opts:
             o.step()
     assert step.item() == 3.0
-    for i, (r, o) in enumerate(zip(refs, ref_opts)):
+    for i, (r, o) in enumerate(zip(refs, ref_opts, strict=True)):
         where = f"window {WINDOWS[i]}"
         assert_bits_equal(view["param"][i], r, f"param {where}")
         for k in names[2:]:
             assert_bits_equal(view[k][i], o.state[r][k], f"{k} {where}")
     for k in names:  # nothing outside the chunks was written
-        for w, span in zip(guards[k], spans):
+        for w, span in zip(guards[k], spans, strict=True):
             assert (w == 7.0).all(), f"{k}: written outside the chunks, at {span}"
 
 

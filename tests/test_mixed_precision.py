@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import assert_bits_equal
+from conftest import Run, assert_bits_equal, assert_same_run, randn_grads, randn_params, train_twins
 
 import roundpipe.optim as rpo
 
@@ -21,26 +21,12 @@ def make(sizes, dtype, seed=0):
     return [torch.randn(n, generator=gen).to(dtype) for n in sizes], gen
 
 
-@pytest.mark.parametrize("dtype,amsgrad,decay", itertools.product(LOW, [False, True], ["none", "adam", "adamw"]))
+@pytest.mark.parametrize("dtype,amsgrad,decay", list(itertools.product(LOW, [False, True], ["none", "adam", "adamw"])))
 def test_low_precision_params_bit_identical_to_torch_fused(dtype, amsgrad, decay):
-    init, gen = make(SIZES, dtype)
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
     kw = dict(lr=1e-2, amsgrad=amsgrad, weight_decay=0.0 if decay == "none" else 0.1,
               decoupled_weight_decay=decay == "adamw")
-    oa, ob = rpo.Adam(a, **kw), torch.optim.Adam(b, fused=True, **kw)
-    for _ in range(30):
-        for x, y in zip(a, b):
-            g = torch.randn(x.shape, generator=gen).to(dtype)
-            x.grad, y.grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_bits_equal(x, y, f"param {i}")
-        assert oa.state[x].keys() == ob.state[y].keys()
-        for k in ob.state[y]:
-            assert oa.state[x][k].dtype == ob.state[y][k].dtype
-            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"state {k} of param {i}")
+    train_twins(rpo.Adam, torch.optim.Adam, params=randn_params(*SIZES, dtype=dtype), grads=randn_grads(),
+                steps=30, kwargs=kw, ref_kwargs={"fused": True})
 
 
 def reference_master_run(init, grads_per_step, **kw):
@@ -49,15 +35,15 @@ def reference_master_run(init, grads_per_step, **kw):
     masters = [p.float().requires_grad_() for p in init]
     opt = torch.optim.Adam(masters, fused=True, **kw)
     for grads in grads_per_step:
-        for m, g in zip(masters, grads):
+        for m, g in zip(masters, grads, strict=True):
             m.grad = g.float()
         opt.step()
-        for low, m in zip(lows, masters):
+        for low, m in zip(lows, masters, strict=True):
             low.copy_(m.detach())
     return lows, masters, opt
 
 
-@pytest.mark.parametrize("dtype,amsgrad", itertools.product(LOW, [False, True]))
+@pytest.mark.parametrize("dtype,amsgrad", list(itertools.product(LOW, [False, True])))
 def test_master_weights_bit_identical_to_reference_sequence(dtype, amsgrad):
     init, gen = make(SIZES, dtype)
     steps = [[torch.randn(p.shape, generator=gen).to(dtype) for p in init] for _ in range(25)]
@@ -65,11 +51,11 @@ def test_master_weights_bit_identical_to_reference_sequence(dtype, amsgrad):
     ours = [p.clone().requires_grad_() for p in init]
     opt = rpo.Adam(ours, master_weights=True, **kw)
     for grads in steps:
-        for p, g in zip(ours, grads):
+        for p, g in zip(ours, grads, strict=True):
             p.grad = g.clone()
         opt.step()
     lows, masters, ref = reference_master_run(init, steps, **kw)
-    for i, (p, low, m) in enumerate(zip(ours, lows, masters)):
+    for i, (p, low, m) in enumerate(zip(ours, lows, masters, strict=True)):
         st = opt.state[p]
         assert st["master_param"].dtype == torch.float32
         assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
@@ -80,16 +66,9 @@ def test_master_weights_bit_identical_to_reference_sequence(dtype, amsgrad):
 
 
 def test_master_weights_ignored_for_fp32_params():
-    init, gen = make([1003], torch.float32)
-    a, b = [init[0].clone().requires_grad_()], [init[0].clone().requires_grad_()]
-    oa, ob = rpo.Adam(a, master_weights=True), torch.optim.Adam(b, fused=True)
-    for _ in range(5):
-        g = torch.randn(1003, generator=gen)
-        a[0].grad, b[0].grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-    assert "master_param" not in oa.state[a[0]]
-    assert_bits_equal(a[0], b[0], "fp32 param")
+    ours, _ = train_twins(rpo.Adam, torch.optim.Adam, params=randn_params(1003), grads=randn_grads(), steps=5,
+                          ours_kwargs={"master_weights": True}, ref_kwargs={"fused": True})
+    assert "master_param" not in ours.opt.state[ours.params[0]]
 
 
 def test_master_state_dict_round_trip_is_exact(tmp_path):
@@ -109,16 +88,12 @@ def test_master_state_dict_round_trip_is_exact(tmp_path):
                 for p in ps:
                     assert opt.state[p]["master_param"].dtype == torch.float32
                     assert opt.state[p]["exp_avg"].dtype == torch.float32
-            for p, g in zip(ps, gs):
+            for p, g in zip(ps, gs, strict=True):
                 p.grad = g.clone()
             opt.step()
         return ps, opt
 
-    (pa, oa), (pb, ob) = run(split=-1), run(split=10)
-    for x, y in zip(pa, pb):
-        assert_bits_equal(x, y, "param after reload")
-        for k in oa.state[x]:
-            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"state {k} after reload")
+    assert_same_run(Run(*run(split=-1)), Run(*run(split=10)), "after reload")
 
 
 def test_bf16_moments_drift_is_bounded():
@@ -181,10 +156,7 @@ def test_grad_scaler_fused_matches_torch_fused():
     m1, o1, s1 = scaler_run(lambda m: rpo.Adam(m.parameters(), lr=1e-2), None)
     m2, o2, s2 = scaler_run(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, fused=True), None)
     assert s1 == s2 and s1[3] < s1[2]  # the inf step halved the scale
-    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
-        assert_bits_equal(a, b, n)
-        for k in o2.state[b]:
-            assert_bits_equal(o1.state[a][k], o2.state[b][k], f"{n} state {k}")
+    assert_same_run(Run(list(m1.parameters()), o1), Run(list(m2.parameters()), o2), "GradScaler")
     # the skipped step left the counters at steps - skipped
     assert all(st["step"].item() == 7 for st in o1.state.values())
 
@@ -196,12 +168,12 @@ class _Masters:
         self.params = [p.detach().float().requires_grad_() for p in model.parameters()]
 
     def pull_grads(self, model):
-        for m, p in zip(self.params, model.parameters()):
+        for m, p in zip(self.params, model.parameters(), strict=True):
             m.grad = p.grad.float()
 
     def push_params(self, model):
         with torch.no_grad():
-            for m, p in zip(self.params, model.parameters()):
+            for m, p in zip(self.params, model.parameters(), strict=True):
                 p.copy_(m)
 
 
@@ -223,7 +195,7 @@ def test_grad_scaler_with_master_weights_matches_reference(dtype):
 
     m2, o2, s2 = scaler_run(ref_factory, Lazy(), dtype=dtype)
     assert s1 == s2
-    for (n, a), b, mref in zip(m1.named_parameters(), m2.parameters(), holder["m"].params):
+    for (n, a), b, mref in zip(m1.named_parameters(), m2.parameters(), holder["m"].params, strict=True):
         assert_bits_equal(a, b, n)
         assert_bits_equal(o1.state[a]["master_param"], mref, f"{n} master")
 
@@ -265,44 +237,48 @@ def test_mismatched_grad_dtype_raises_before_anything_changes():
 
 
 def grads_with_specials(shape, gen, dtype, step):
+    """Random grads; at steps 4 and 9, NaN and +-Inf where each of torch's loops reads them.
+
+    torch's fp32 kernel runs 8 lanes and its bf16/fp16 kernels 16, each followed by a scalar
+    tail loop (which writes a bf16 NaN as 0x7FC0 where the vector loop writes 0xFFFF). So a NaN
+    goes into the vector loop (positions 3, 17, 37), into the last element (every tail), and at
+    n - n % 16 when n % 16 >= 8: in [n - n % 16, n - n % 8), which is the tail for 16-bit
+    dtypes but the vector loop for fp32. A kernel that took 8-lane tails for 16-bit dtypes
+    writes the wrong NaN bits there."""
     g = torch.randn(shape, generator=gen)
-    if step in (4, 9) and g.numel() > 40:
-        # vector-loop positions, and the last element, which is in torch's tail loop
-        g.view(-1)[[3, 17, 37, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+    n = g.numel()
+    if step in (4, 9) and n > 40:
+        flat = g.view(-1)
+        flat[[3, 17, 37, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+        if n % 16 >= 8:
+            flat[n - n % 16] = float("nan")
     return g.to(dtype)
 
 
-@pytest.mark.parametrize("dtype,amsgrad,maximize,decay,scaled", itertools.product(
-    LOW, [False, True], [False, True], ["none", "adam", "adamw"], [False, True]))
+@pytest.mark.parametrize("dtype,amsgrad,maximize,decay,scaled", list(itertools.product(
+    LOW, [False, True], [False, True], ["none", "adam", "adamw"], [False, True])))
 def test_low_precision_flags_and_nans_match_torch_fused(dtype, amsgrad, maximize, decay, scaled):
     """bf16 runs the direct loops, fp16 the staging blocks."""
-    init, gen = make(SIZES, dtype, seed=3)
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
     kw = dict(lr=1e-2, amsgrad=amsgrad, maximize=maximize, weight_decay=0.0 if decay == "none" else 0.1,
               decoupled_weight_decay=decay == "adamw")
-    oa, ob = rpo.Adam(a, **kw), torch.optim.Adam(b, fused=True, **kw)
-    for s in range(12):
-        for x, y in zip(a, b):
-            g = grads_with_specials(x.shape, gen, dtype, s)
-            if scaled:
-                g = g * 64  # exact in bf16: a power of two
-            x.grad, y.grad = g.clone(), g.clone()
-        if scaled:  # the attributes GradScaler sets; both optimizers read them in step()
-            for o in (oa, ob):
-                o.grad_scale, o.found_inf = torch.tensor(64.0), torch.tensor(0.0)
-        oa.step()
-        ob.step()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_bits_equal(x, y, f"param {i}")
+
+    def grads(step, params):
+        gen = torch.Generator().manual_seed(3 + 7919 * step)
+        gs = [grads_with_specials(p.shape, gen, dtype, step) for p in params]
+        return [g * 64 for g in gs] if scaled else gs  # * 64: exact in bf16, a power of two
+
+    def scale(step, opt, params):  # the attributes GradScaler sets; both optimizers read them in step()
         if scaled:
+            opt.grad_scale, opt.found_inf = torch.tensor(64.0), torch.tensor(0.0)
+    ours, ref = train_twins(rpo.Adam, torch.optim.Adam, params=randn_params(*SIZES, seed=3, dtype=dtype),
+                            grads=grads, steps=12, kwargs=kw, ref_kwargs={"fused": True}, before_step=scale)
+    if scaled:
+        for i, (x, y) in enumerate(zip(ours.params, ref.params, strict=True)):
             assert_bits_equal(x.grad, y.grad, f"unscaled grad {i}")
-        for k in ob.state[y]:
-            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"state {k} of param {i}")
 
 
-@pytest.mark.parametrize("param_dtype,amsgrad,decay", itertools.product(
-    [torch.bfloat16, torch.float32], [False, True], ["none", "adam", "adamw"]))
+@pytest.mark.parametrize("param_dtype,amsgrad,decay", list(itertools.product(
+    [torch.bfloat16, torch.float32], [False, True], ["none", "adam", "adamw"])))
 def test_bf16_moments_match_fp32_reference(param_dtype, amsgrad, decay):
     """bf16 moments on bf16 params with master weights, and on fp32 params: each step computes
     in fp32 from the stored bf16 moments and rounds them to nearest-even when it stores them.
@@ -319,10 +295,10 @@ def test_bf16_moments_match_fp32_reference(param_dtype, amsgrad, decay):
     ref = torch.optim.Adam(ref_params, fused=True, **kw)
     for s in range(12):
         grads = [grads_with_specials(p.shape, gen, param_dtype, s) for p in init]
-        for p, g in zip(ours, grads):
+        for p, g in zip(ours, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-        for r, g in zip(ref_params, grads):
+        for r, g in zip(ref_params, grads, strict=True):
             r.grad = g.float()
         ref.step()
         with torch.no_grad():
@@ -331,7 +307,7 @@ def test_bf16_moments_match_fp32_reference(param_dtype, amsgrad, decay):
                     if k != "step":
                         t.copy_(t.to(low_dtype).float())  # what bf16 storage keeps of the moments
     names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-    for i, (p, r) in enumerate(zip(ours, ref_params)):
+    for i, (p, r) in enumerate(zip(ours, ref_params, strict=True)):
         st = opt.state[p]
         assert_bits_equal(p, r.to(param_dtype), f"param {i}")
         if param_dtype != torch.float32:
@@ -377,8 +353,8 @@ def test_fp16_conversions_match_torch_on_every_half_and_many_floats():
     assert_bits_equal(p, master.to(torch.float16), "fp16 param rounded from its master")
 
 
-@pytest.mark.parametrize("layout,amsgrad,decay", itertools.product(
-    ["fp32", "bf16-master"], [False, True], ["none", "adam"]))
+@pytest.mark.parametrize("layout,amsgrad,decay", list(itertools.product(
+    ["fp32", "bf16-master"], [False, True], ["none", "adam"])))
 def test_scaled_maximize_nan_signs_match_torch_fused(layout, amsgrad, decay):
     """With a grad scale, torch's fp32 vector loop negates the grad for maximize (a NaN keeps
     its sign flipped) even with coupled decay, where it otherwise folds the -1 into the decay.
@@ -394,22 +370,22 @@ def test_scaled_maximize_nan_signs_match_torch_fused(layout, amsgrad, decay):
     ref = torch.optim.Adam(refs, fused=True, **kw)
     for s in range(12):
         grads = [grads_with_specials(p.shape, gen, dtype, s) * 64 for p in init]
-        for p, r, g in zip(ours, refs, grads):
+        for p, r, g in zip(ours, refs, grads, strict=True):
             p.grad, r.grad = g.clone(), g.float()
         for o in (opt, ref):
             o.grad_scale, o.found_inf = torch.tensor(64.0), torch.tensor(0.0)
         opt.step()
         ref.step()
-    for i, (p, r) in enumerate(zip(ours, refs)):
+    for i, (p, r) in enumerate(zip(ours, refs, strict=True)):
         assert_bits_equal(opt.state[p]["master_param"] if master else p, r, f"param or master {i}")
         assert_bits_equal(p, r.to(dtype), f"param {i}")
         for k in ref.state[r]:
             assert_bits_equal(opt.state[p][k], ref.state[r][k], f"state {k} of param {i}")
 
 
-@pytest.mark.parametrize("layout,maximize,decay", itertools.product(
+@pytest.mark.parametrize("layout,maximize,decay", list(itertools.product(
     ["bf16 params, fp32 moments", "fp16 params, fp32 moments", "fp32 params, bf16 moments",
-     "bf16 master, bf16 moments"], [False, True], ["adam", "adamw"]))
+     "bf16 master, bf16 moments"], [False, True], ["adam", "adamw"])))
 def test_roundpipe_only_layouts_match_the_torch_fallback(layout, maximize, decay):
     """Layouts torch's fused kernel does not take are a fp32 step on fp32 copies: the native
     kernel must give the bits of roundpipe's own torch fallback (_torch_fused_step), which runs
@@ -417,24 +393,20 @@ def test_roundpipe_only_layouts_match_the_torch_fallback(layout, maximize, decay
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[layout[:4]]
     moments = torch.bfloat16 if "bf16 moments" in layout else torch.float32
     master = "master" in layout
-    init, gen = make(SIZES, dtype, seed=13)
     kw = dict(lr=1e-2, maximize=maximize, weight_decay=0.1, decoupled_weight_decay=decay == "adamw",
               master_weights=master, exp_avg_dtype=moments, exp_avg_sq_dtype=moments)
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
-    native, fallback = rpo.Adam(a, **kw), rpo.Adam(b, **kw)
-    fallback._kernel = None  # what a host without a compiler runs
+
+    def fallback(params, **kw):
+        opt = rpo.Adam(params, **kw)
+        opt._kernel = None  # what a host without a compiler runs
+        return opt
     # NaN/Inf grads except where torch's own bits are not a fixed rule: its .float() of an fp16
     # NaN depends on where the element falls, and so does the NaN sign of AdamW + maximize in its
     # fp32 kernel (the known difference in tests/test_reliability.py)
     specials = dtype != torch.float16 and not (maximize and decay == "adamw")
-    for s in range(10):
-        for x, y in zip(a, b):
-            g = grads_with_specials(x.shape, gen, dtype, s if specials else 0)
-            x.grad, y.grad = g.clone(), g.clone()
-        native.step()
-        fallback.step()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_bits_equal(x, y, f"param {i}")
-        for k in native.state[x]:
-            assert_bits_equal(native.state[x][k], fallback.state[y][k], f"state {k} of param {i}")
+
+    def grads(step, params):
+        gen = torch.Generator().manual_seed(13 + 7919 * step)
+        return [grads_with_specials(p.shape, gen, dtype, step if specials else 0) for p in params]
+    train_twins(rpo.Adam, fallback, params=randn_params(*SIZES, seed=13, dtype=dtype), grads=grads, steps=10,
+                kwargs=kw)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import pickle
 import warnings
@@ -10,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_bits_equal
+from conftest import assert_bits_equal, randn_grads, randn_params, train_twins
 
 import roundpipe.optim as rpo
 
@@ -45,24 +44,7 @@ def test_capturable_and_differentiable_are_refused(name):
         rpo.Adam([torch.zeros(3, requires_grad=True)], **{name: True})
 
 
-@pytest.mark.parametrize(
-    "kw,match",
-    [
-        (dict(lr=-1.0), "Invalid learning rate"),
-        (dict(eps=-1e-8), "Invalid epsilon"),
-        (dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
-        (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
-        (dict(weight_decay=-0.1), "weight_decay"),
-        (dict(lr=torch.tensor([1e-3, 1e-3])), "1-element"),
-        (dict(betas=(torch.tensor(0.9), 0.999)), "both floats or both Tensors"),
-    ],
-)
-def test_value_checks_match_torch(kw, match):
-    p = torch.zeros(3, requires_grad=True)
-    with pytest.raises(ValueError, match=match):
-        rpo.Adam([p], **kw)
-    with pytest.raises(ValueError):
-        torch.optim.Adam([p], **kw)
+# Hyperparameter checks: tests/test_reliability.py (test_bad_hyperparameters_at_construction).
 
 
 def test_param_groups_add_group_zero_grad_closure_and_none_grads():
@@ -91,8 +73,8 @@ def test_param_groups_add_group_zero_grad_closure_and_none_grads():
         if step == 0:
             pa.append(b)
             pr.append(y)
-        la = ours.step(lambda: closure(pa))
-        lb = ref.step(lambda: closure(pr))
+        la = ours.step(lambda pa=pa: closure(pa))
+        lb = ref.step(lambda pr=pr: closure(pr))
         assert la.item() == lb.item()
     for u, v in [(a, x), (b, y), (c, z), (empty, e2)]:
         assert_bits_equal(u, v, "param")
@@ -104,37 +86,9 @@ def test_param_groups_add_group_zero_grad_closure_and_none_grads():
     assert lonely not in ours.state  # never had a grad: no state, untouched
 
 
-def test_state_layout_and_state_dict_both_ways():
-    torch.manual_seed(0)
-    p = torch.randn(50, requires_grad=True)
-    q = p.detach().clone().requires_grad_()
-    with pytest.warns(UserWarning, match="ignores fused"):
-        ours = rpo.Adam([p], amsgrad=True, fused=True)
-    ref = torch.optim.Adam([q], amsgrad=True, fused=True)
-    for _ in range(3):
-        g = torch.randn(50)
-        p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-    st = ours.state[p]
-    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
-    assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
-    sd_ours, sd_ref = ours.state_dict(), ref.state_dict()
-    assert sd_ours["state"].keys() == sd_ref["state"].keys()
-    assert {k: v for k, v in sd_ours["param_groups"][0].items() if k in sd_ref["param_groups"][0]} == sd_ref["param_groups"][0]
-    # cross-load: each continues identically from the other's state
-    p2, q2 = p.detach().clone().requires_grad_(), q.detach().clone().requires_grad_()
-    ours2, ref2 = rpo.Adam([p2], amsgrad=True), torch.optim.Adam([q2], amsgrad=True, fused=True)
-    ours2.load_state_dict(copy.deepcopy(sd_ref))
-    ref2.load_state_dict(copy.deepcopy(sd_ours))
-    for _ in range(3):
-        g = torch.randn(50)
-        for t in (p, q, p2, q2):
-            t.grad = g.clone()
-        for o in (ours, ref, ours2, ref2):
-            o.step()
-    for t in (q, p2, q2):
-        assert_bits_equal(p, t, "continued after cross-load")
+# State layout and state_dict both ways (cross-loading): tests/test_ecosystem.py
+# (test_state_dict_layout_matches_torch, test_switch_torch_to_roundpipe_and_back,
+# test_roundpipe_checkpoint_into_torch_fused).
 
 
 def test_old_pickles_and_python_number_steps_load():
@@ -156,19 +110,6 @@ def test_old_pickles_and_python_number_steps_load():
     pickle.loads(pickle.dumps(opt2))  # no cffi objects in the pickle
 
 
-def run_with_changes(opt_cls, change, **kw):
-    torch.manual_seed(0)
-    ps = [torch.randn(40, requires_grad=True), torch.randn(9, requires_grad=True)]
-    opt = opt_cls(ps, lr=1e-2, **kw)
-    g = torch.Generator().manual_seed(1)
-    for step in range(8):
-        for p in ps:
-            p.grad = torch.randn(p.shape, generator=g)
-        change(step, ps, opt)
-        opt.step()
-    return ps, opt
-
-
 CHANGES = {
     # the plan cache must notice each of these between steps
     "param storage swapped": lambda s, ps, o: s == 4 and setattr(ps[0], "data", ps[0].data.clone()),
@@ -180,27 +121,23 @@ CHANGES = {
 }
 
 
-@pytest.mark.parametrize("name", CHANGES)
+@pytest.mark.parametrize("name", list(CHANGES))
 def test_plan_cache_follows_changes_between_steps(name):
-    a, oa = run_with_changes(rpo.Adam, CHANGES[name])
-    b, ob = run_with_changes(torch.optim.Adam, CHANGES[name], fused=True)
-    for x, y in zip(a, b):
-        assert_bits_equal(x, y, name)
-        for k in ob.state[y]:
-            assert_bits_equal(oa.state[x][k], ob.state[y][k], f"{name}: state {k}")
+    train_twins(rpo.Adam, torch.optim.Adam, params=randn_params(40, 9), grads=randn_grads(), steps=8,
+                kwargs=dict(lr=1e-2), ref_kwargs={"fused": True},
+                before_step=lambda step, opt, ps: CHANGES[name](step, ps, opt), what=name)
 
 
 def test_same_grads_reused_across_steps_match_torch():
-    p = torch.randn(100, requires_grad=True)
-    q = p.detach().clone().requires_grad_()
-    p.grad, q.grad = torch.ones(100), torch.ones(100)
-    a, b = rpo.Adam([p]), torch.optim.Adam([q], fused=True)
-    for _ in range(5):
-        p.grad.mul_(1.5)
-        q.grad.mul_(1.5)  # same grad object, new values
-        a.step()
-        b.step()
-    assert_bits_equal(p, q, "reused grad")
+    def params():
+        p = torch.randn(100, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        p.grad = torch.ones(100)
+        return [p]
+
+    def grads(step, ps):
+        ps[0].grad.mul_(1.5)  # same grad object, new values
+    train_twins(rpo.Adam, torch.optim.Adam, params=params, grads=grads, steps=5, ref_kwargs={"fused": True},
+                what="reused grad")
 
 
 def test_dtensor_params_step_their_local_shards():

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_bits_equal
+from conftest import randn_grads, randn_params, train_twins
 
 import roundpipe.optim as rpo
 
@@ -112,52 +112,36 @@ def _grads(run, step, params_per_group):
     return out
 
 
-def _train(cls, run, **extra):
-    gen = torch.Generator().manual_seed(run["seed"])
-    params = [[torch.randn(s, generator=gen).requires_grad_() for s in g["shapes"]] for g in run["groups"]]
-    groups = []
-    for ps, g in zip(params, run["groups"]):
-        h = dict(g["hyper"])
-        if g["lr_tensor"]:
-            h["lr"] = torch.tensor(h["lr"])
-        groups.append({"params": ps, **h})
-    opt = cls(groups, **extra)
-    for step in range(run["steps"]):
-        for ps, gs in zip(params, _grads(run, step, [g["shapes"] for g in run["groups"]])):
-            for p, g in zip(ps, gs):
-                p.grad = g
-        opt.step()
+def _params(run):
+    """A params builder: the run's groups, each with its hyperparameters (a fresh Tensor lr per call)."""
+    def build():
+        gen = torch.Generator().manual_seed(run["seed"])
+        groups = []
+        for g in run["groups"]:
+            h = dict(g["hyper"])
+            if g["lr_tensor"]:
+                h["lr"] = torch.tensor(h["lr"])
+            groups.append({"params": [torch.randn(s, generator=gen).requires_grad_() for s in g["shapes"]], **h})
+        return groups
+    return build
+
+
+def _decay_lr(run):
+    def after_step(step, opt, params):
         if run["lr_decay"] != 1.0:
             for group in opt.param_groups:
                 if isinstance(group["lr"], torch.Tensor):
                     group["lr"].mul_(run["lr_decay"])  # as LRScheduler does with a Tensor lr
                 else:
                     group["lr"] *= run["lr_decay"]
-    return params, opt
+    return after_step
 
 
 def _assert_same(run, nan_payloads=True):
     """Every bit equal; with nan_payloads=False, NaN in the same places and all else bit-equal."""
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(run["threads"])
-        pa, oa = _train(rpo.Adam, run)
-    finally:
-        torch.set_num_threads(before)
-    pb, ob = _train(torch.optim.Adam, run, fused=True)
-    for gi, (ga, gb) in enumerate(zip(pa, pb)):
-        for i, (a, b) in enumerate(zip(ga, gb)):
-            where = f"group {gi} param {i} {tuple(a.shape)}"
-            sa, sb = oa.state.get(a, {}), ob.state.get(b, {})
-            assert sa.keys() == sb.keys(), where
-            for name, x, y in [("", a, b)] + [(f" state[{k!r}]", sa[k], sb[k]) for k in sb]:
-                x, y = x.detach(), y.detach()
-                if nan_payloads:
-                    assert_bits_equal(x, y, where + name)
-                else:
-                    nx, ny = torch.isnan(x), torch.isnan(y)
-                    assert torch.equal(nx, ny), f"{where}{name}: NaN in different places"
-                    assert_bits_equal(x[~nx], y[~ny], f"{where}{name} (values other than NaN)")
+    train_twins(rpo.Adam, torch.optim.Adam, params=_params(run), ref_kwargs={"fused": True},
+                grads=lambda step, ps: [g for gs in _grads(run, step, [g["shapes"] for g in run["groups"]]) for g in gs],
+                steps=run["steps"], after_step=_decay_lr(run), threads=run["threads"], nan_payloads=nan_payloads)
 
 
 @_settings(200)
@@ -185,20 +169,8 @@ def test_random_runs_with_nan_inf_grads_match_torch_fused(run):
 def test_adamw_class_matches_torch_adamw_fused(shape_list, h, steps, seed):
     h = {k: v for k, v in h.items() if k != "decoupled_weight_decay"}
 
-    def train(cls, **extra):
-        gen = torch.Generator().manual_seed(seed)
-        ps = [torch.randn(s, generator=gen).requires_grad_() for s in shape_list]
-        opt = cls(ps, **h, **extra)
-        for _ in range(steps):
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        return ps, opt
-    (pa, oa), (pb, ob) = train(rpo.AdamW), train(torch.optim.AdamW, fused=True)
-    for i, (a, b) in enumerate(zip(pa, pb)):
-        assert_bits_equal(a, b, f"param {i}")
-        for k in ob.state[b]:
-            assert_bits_equal(oa.state[a][k], ob.state[b][k], f"state[{k!r}] of param {i}")
+    train_twins(rpo.AdamW, torch.optim.AdamW, params=randn_params(*shape_list, seed=seed), grads=randn_grads(seed),
+                steps=steps, kwargs=h, ref_kwargs={"fused": True})
 
 
 # ---- cases the property tests found, kept as plain tests ----------------------------------
@@ -206,18 +178,9 @@ def test_adamw_class_matches_torch_adamw_fused(shape_list, h, steps, seed):
 
 def _compare(cls_pair, shape, grads, p0=1.5, **kw):
     ours_cls, ref_cls = cls_pair
-    out = []
-    for cls, extra in ((ours_cls, {}), (ref_cls, {"fused": True})):
-        p = torch.full(shape, p0).requires_grad_()
-        opt = cls([p], **kw, **extra)
-        for g in grads:
-            p.grad = torch.full(shape, g)
-            opt.step()
-        out.append((p, opt.state[p]))
-    (a, sa), (b, sb) = out
-    for k in sb:
-        assert_bits_equal(sa[k], sb[k], f"state[{k!r}]")
-    assert_bits_equal(a, b, "param")
+    train_twins(ours_cls, ref_cls, params=lambda: [torch.full(shape, p0).requires_grad_()],
+                grads=lambda step, ps: [torch.full(shape, grads[step])], steps=len(grads), kwargs=kw,
+                ref_kwargs={"fused": True})
 
 
 # shapes: () and (3,) run only torch's scalar tail loop; (16,) only its vector loop; (19,) both
