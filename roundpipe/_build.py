@@ -749,7 +749,6 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
 def _build_or_reuse(root: Path, key: str, inputs: dict[str, Any], cc: list[str], force: bool,
                     t0: float, owners: frozenset[int]) -> ModuleType:
     entry, rebuild = root / key, force
-    seconds: float | None  # None from an entry written before build_seconds was recorded
     for attempt in range(2):
         with _FileLock(root / f"{key}.lock"):
             _sweep(root, key)

@@ -1066,7 +1066,7 @@ def plot_results(results: list[Result], meta: dict[str, Any], path: str) -> int:
                              figsize=(max(8.0, 0.32 * widest * len(groups) / len(thread_counts) + 3),
                                       4.2 * len(thread_counts) + 1.4))
     drawn = 0
-    for ax, th in zip(axes[:, 0], thread_counts):
+    for ax, th in zip(axes[:, 0], thread_counts, strict=True):
         mine = [r for r in groups if r.threads == th]
         labels = []
         for gi, r in enumerate(mine):
@@ -1089,7 +1089,7 @@ def plot_results(results: list[Result], meta: dict[str, Any], path: str) -> int:
         ax.grid(axis="y", which="both", alpha=0.3)
     handles: dict[str, Any] = {}
     for ax in axes[:, 0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
                frameon=False)

@@ -96,7 +96,7 @@ def test_trainer_matches_torch_fused_adamw(tmp_path, way):
     ref = fine_tune(tmp_path / "torch", torch.optim.AdamW, {**OPT_KWARGS, "fused": True}, way)
 
     assert len(ours.step_losses) == len(ref.step_losses) == STEPS
-    for i, (a, b) in enumerate(zip(ours.step_losses, ref.step_losses)):
+    for i, (a, b) in enumerate(zip(ours.step_losses, ref.step_losses, strict=True)):
         assert_bits_equal(a, b, f"loss of step {i}")
     logs = training_logs(ours)
     assert logs == training_logs(ref)

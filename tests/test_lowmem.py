@@ -105,7 +105,7 @@ def test_stochastic_rounding_refuses_other_dtypes_before_anything_changes():
 
 
 def test_fallback_draws_the_kernels_bits(tmp_path):
-    code = f"""
+    code = """
 import os, warnings, torch
 torch.manual_seed(0)
 p = torch.randn(1003).bfloat16().requires_grad_()

@@ -7,6 +7,7 @@ SIGSEGV) run in a subprocess, so that a regression fails the test instead of kil
 from __future__ import annotations
 
 import copy
+import itertools
 import textwrap
 
 import pytest
@@ -196,8 +197,8 @@ def test_non_overlapping_views_of_one_flat_buffer_still_step_like_torch(threads)
     flat_ref, flat_rp = torch.randn(20000), None
     flat_rp = flat_ref.clone()
     cuts = [0, 7, 4103, 12000, 20000]
-    pr = [nn.Parameter(flat_ref[a:b]) for a, b in zip(cuts, cuts[1:])]
-    po = [nn.Parameter(flat_rp[a:b]) for a, b in zip(cuts, cuts[1:])]
+    pr = [nn.Parameter(flat_ref[a:b]) for a, b in itertools.pairwise(cuts)]
+    po = [nn.Parameter(flat_rp[a:b]) for a, b in itertools.pairwise(cuts)]
     ref, opt = torch.optim.Adam(pr, fused=True), rpo.Adam(po)
     for _ in range(3):
         for a, b in zip(pr, po, strict=True):

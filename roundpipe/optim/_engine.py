@@ -29,7 +29,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast, overload
 
 import torch
 from torch import Tensor
@@ -98,7 +98,7 @@ def _is_dtensor(t: Tensor) -> bool:
 
 def _local(t: Tensor) -> Tensor:
     """The plain tensor behind t: its local shard for a DTensor (whose data_ptr() is 0), else t."""
-    return t.to_local() if _is_dtensor(t) else t
+    return cast(Any, t).to_local() if _is_dtensor(t) else t
 
 
 def _local_ptr(t: Tensor) -> int:
@@ -192,7 +192,7 @@ class _GroupPlan:
         if not all(map(operator.is_, group_params, self.group_params)):
             return None  # params were added to, removed from or replaced in the group
         if not all(map(operator.is_, all_grads, self.all_grads)):
-            for g, g0 in zip(all_grads, self.all_grads):
+            for g, g0 in zip(all_grads, self.all_grads, strict=True):
                 if (g is None) != (g0 is None):
                     return None  # another set of params has grads
         params = self.params
@@ -203,7 +203,7 @@ class _GroupPlan:
         if not all(map(operator.is_, map(state.get, params), self.states)):
             return None
         try:
-            for key, tensors, ptrs, nbytes in zip(self.state_keys, self.state_tensors, self.state_ptrs, self.state_bytes):
+            for key, tensors, ptrs, nbytes in zip(self.state_keys, self.state_tensors, self.state_ptrs, self.state_bytes, strict=True):
                 current = _state_column(self.states, key)
                 if not all(map(operator.is_, current, tensors)):
                     return None  # a state tensor was replaced
@@ -227,6 +227,8 @@ class _GroupPlan:
         C-level passes, no Python per tensor: the common case of zero_grad(set_to_none=True),
         where every grad is new each step. When it fails, _check_tensor decides slot by slot."""
         grads = self.pending_grads
+        if grads is None:
+            return True
         ptrs, strides, numels = self.pending_grad_sig
         return (
             strides == self.grad_sig[1] and numels == self.grad_sig[2]
@@ -243,6 +245,8 @@ class _GroupPlan:
         """Slots whose pending grad is a new tensor or was moved or reshaped in place."""
         ptrs, strides, numels = self.pending_grad_sig
         old_ptrs, old_strides, old_numels = self.grad_sig
+        if self.pending_grads is None:
+            return []
         return [
             slot for slot, (g, g0, a, a0, b, b0, c, c0, d, d0) in enumerate(zip(
                 self.pending_grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels,
@@ -428,7 +432,7 @@ class FusedOptimizer(Optimizer):
             super().load_state_dict(state_dict)
             saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
             pairs = ((g, p) for g in self.param_groups for p in g["params"])
-            for pid, (group, p) in zip(saved_ids, pairs):
+            for pid, (group, p) in zip(saved_ids, pairs, strict=True):
                 saved = state_dict["state"].get(pid)
                 st = self.state.get(p)
                 if not saved or not st or p.dtype not in self._PARAM_DTYPES:
@@ -446,7 +450,15 @@ class FusedOptimizer(Optimizer):
 
     # ---- step ------------------------------------------------------------------------
 
-    def step(  # type: ignore[override]
+    @overload
+    def step(self, closure: None = None, *, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float], *, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None) -> float: ...
+
+    def step(
         self,
         closure: Callable[[], float] | None = None,
         *,
@@ -658,7 +670,8 @@ class FusedOptimizer(Optimizer):
         plan.state_bytes = [plan.storage_bytes(ts) for ts in plan.state_tensors]
 
     def _build_native(self, plan: _GroupPlan) -> None:
-        ffi, lib = self._kernel.ffi, self._kernel.lib
+        kernel = cast(Any, self._kernel)  # called only when the kernel loaded
+        ffi, lib = kernel.ffi, kernel.lib
         n = len(plan.params)
         keys = self._state_keys(plan.group)
         tensors = ffi.new("rp_tensor[]", max(n, 1))
@@ -693,7 +706,8 @@ class FusedOptimizer(Optimizer):
         # Every tensor behind a pointer in the C arrays stays referenced by the plan (params,
         # grads, state_tensors) for the whole call, and the step lock keeps any other step()
         # from swapping them: a grad the caller drops meanwhile is not freed under the kernel.
-        ffi = self._kernel.ffi if self._kernel is not None else None
+        kernel = cast(Any, self._kernel)
+        ffi = kernel.ffi if kernel is not None else None
         if plan.pending_grads is not None:  # grads checked by _plan; point the arrays at them
             plan.grads = plan.pending_grads
             plan.grad_sig = plan.pending_grad_sig  # computed by grads_changed for these grads
@@ -702,7 +716,7 @@ class FusedOptimizer(Optimizer):
             if ffi is not None:
                 ptrs = plan.grad_sig[0]
                 plan.grad_ptrs[0:len(ptrs)] = ptrs
-                self._kernel.lib.rp_set_grads(plan.tensors, plan.grad_ptrs, len(ptrs))
+                kernel.lib.rp_set_grads(plan.tensors, plan.grad_ptrs, len(ptrs))
         if ffi is None:
             self._fallback_step(plan, grad_scale, found_inf)
             return
@@ -713,11 +727,11 @@ class FusedOptimizer(Optimizer):
         run.torch_vec = self._TORCH_VEC or _TORCH_VEC
         run.grad_scale = ffi.cast("float *", grad_scale.data_ptr()) if grad_scale is not None else ffi.NULL
         run.found_inf = ffi.cast("float *", found_inf.data_ptr()) if found_inf is not None else ffi.NULL
-        getattr(self._kernel.lib, self._C_STEP)(run, plan.hyper, plan.tensors, len(plan.params),
+        getattr(kernel.lib, self._C_STEP)(run, plan.hyper, plan.tensors, len(plan.params),
                                                 plan.chunks, plan.n_chunks)
 
 
-_torch_hooked_step = Optimizer.profile_hook_step(FusedOptimizer._step)
+_torch_hooked_step: Callable[..., Any] = Optimizer.profile_hook_step(FusedOptimizer._step)
 _GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
 _GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
 _PROFILER_ENABLED = getattr(torch._C._autograd, "_profiler_enabled", None)
@@ -785,10 +799,11 @@ def _check_tensor(p: Tensor, g: Tensor, where: str, who: str = "Adam",
     if _is_dtensor(p) or _is_dtensor(g):
         if not (_is_dtensor(p) and _is_dtensor(g)):
             raise TypeError(f"roundpipe {who}: {where}: the param and its grad must both be DTensors, or neither")
-        if p.device_mesh != g.device_mesh or tuple(p.placements) != tuple(g.placements):
+        dp, dg = cast(Any, p), cast(Any, g)
+        if dp.device_mesh != dg.device_mesh or tuple(dp.placements) != tuple(dg.placements):
             raise ValueError(
-                f"roundpipe {who}: {where} has a grad placed {tuple(g.placements)} but the param "
-                f"{tuple(p.placements)}; redistribute the grad (a Partial grad is not reduced yet)"
+                f"roundpipe {who}: {where} has a grad placed {tuple(dg.placements)} but the param "
+                f"{tuple(dp.placements)}; redistribute the grad (a Partial grad is not reduced yet)"
             )
     lp, lg = _local(p), _local(g)
     if lg.shape != lp.shape:

@@ -270,7 +270,7 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     write_back: list[tuple[Tensor, Tensor]] = []
     rounded: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (param, fp32 result, seed, step): stochastic
     sr = bool(group.get("bf16_stochastic_round"))
-    for p, g, st in zip(plan.params, plan.grads, plan.states):
+    for p, g, st in zip(plan.params, plan.grads, plan.states, strict=True):
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if bool(plan.group["amsgrad"]) else [])
         master = st.get("master_param") if bool(group.get("master_weights")) and p.dtype in _LOW_PRECISION else None
         if master is None and not sr and all(st[n].dtype == p.dtype for n in names):
@@ -285,7 +285,7 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
                 write_back.append((p, work))
             if grad_scale is not None:  # the fused kernel unscaled the fp32 copy of the grad in place
                 write_back.append((g, tensors[1]))
-        for lst, t in zip(lists, tensors[:4] + ([tensors[4]] if bool(plan.group["amsgrad"]) else [])):
+        for lst, t in zip(lists, tensors[:4] + ([tensors[4]] if bool(plan.group["amsgrad"]) else []), strict=False):  # steps: below
             lst.append(t)
         lists[5].append(st["step"])
     params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = lists
