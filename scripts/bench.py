@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Adam step throughput: roundpipe against torch, DeepSpeed and the memory roofline, in one run.
+"""Optimizer step throughput: roundpipe against torch, DeepSpeed, lion-pytorch and the memory roofline, in one run.
 
     python scripts/bench.py                      # every workload, torch's thread count
+    python scripts/bench.py --workloads sgd,lion # one optimizer family's workloads (sgd-mix,sgd-small,sgd-lora, ...)
     python scripts/bench.py --threads 1,2        # scaling: one table per thread count
     python scripts/bench.py --json out.json      # also write the results for machines
     python scripts/bench.py --plot bench.png     # and a chart: Gelem/s against the roofline (matplotlib)
@@ -12,22 +13,47 @@
     python scripts/bench.py --new-grads          # new grad tensors every step, as zero_grad() leaves them
     python scripts/bench.py --wait-idle 240 --max-foreign 0.15   # on a shared machine (see below)
 
-DeepSpeed's DeepSpeedCPUAdam joins when ``deepspeed`` imports and its CPU op
-builds (``pip install deepspeed``; the first construction JIT-compiles it).
+DeepSpeed's DeepSpeedCPUAdam, DeepSpeedCPUAdagrad and DeepSpeedCPULion join
+when ``deepspeed`` imports and its CPU ops build (``pip install deepspeed``; the
+first construction JIT-compiles them); lion-pytorch's Lion joins the Lion
+workloads when ``lion_pytorch`` imports.
+
+Workloads
+---------
+Adam (roundpipe.optim.Adam against torch fused, foreach and for-loop Adam and
+DeepSpeed): big, mix, small, lora, tiny, in-backward, per-tensor and the
+mixed-precision ones. The other optimizers each run the three throughput
+layouts, named <optimizer>-<layout>:
+
+    sgd-mix, sgd-small, sgd-lora              SGD, momentum 0.9: roundpipe.optim.SGD,
+                                              torch fused, torch default (for-loop)
+    adagrad-mix, adagrad-small, adagrad-lora  roundpipe.optim.Adagrad, torch fused,
+                                              torch default, DeepSpeedCPUAdagrad
+    lion-mix, lion-small, lion-lora           roundpipe.optim.Lion, lion-pytorch,
+                                              DeepSpeedCPULion
+
+mix is a GPT-2-like transformer (--mix), small is --small-count tensors of
+--small-size elements, lora is a LoRA adapter set (--lora): per layer A (r x d)
+and B (d x r) for q, k, v, o and the two MLP projections, plus biases and norms,
+a few hundred small tensors. ``--workloads sgd`` (or adagrad, lion) stands for
+the optimizer's three workloads.
 
 What is measured
 ----------------
 An fp32 Adam step reads param, grad, exp_avg and exp_avg_sq and writes param,
-exp_avg and exp_avg_sq: 28 bytes per element. The *roofline* is
-``rp_roofline_probe`` from roundpipe's own compiled kernel: it reads four fp32
-arrays and writes three of them in place, the same 28 bytes per element with no
-arithmetic, over one contiguous set of arrays as long as the workload. It is the
+exp_avg and exp_avg_sq: 28 bytes per element. SGD with momentum (param, grad,
+momentum buffer), Adagrad (param, grad, sum) and Lion (param, grad, exp_avg)
+read three arrays and write two: 20 bytes per element. The *roofline* is a probe
+from roundpipe's own compiled kernel with the optimizer's access pattern and no
+arithmetic: ``rp_roofline_probe`` reads four fp32 arrays and writes three of
+them in place (28 B/el), ``rp_roofline_probe3`` reads three and writes two (20
+B/el), over one contiguous set of arrays as long as the workload. It is the
 memory upper bound of this access pattern on this machine at this moment, and it
 is timed in the same rounds as the optimizers.
 
 GB/s are *nominal*: elements x the bytes an ideal one-pass step moves (column
-B/el). torch's default and foreach Adam make several passes and move more; their
-GB/s is what the ideal pass would need for the same time. "x roof" is the nominal
+B/el). torch's default and foreach steps and lion-pytorch make several passes and
+move more; their GB/s is what the ideal pass would need for the same time. "x roof" is the nominal
 GB/s over the roofline's GB/s.
 
 Method: all competitors of a workload share the same parameter and gradient
@@ -76,7 +102,12 @@ import roundpipe.optim._engine as rp_engine
 from roundpipe import _build
 
 FP32_ADAM_BYTES = 28  # read p, g, m, v; write p, m, v
+FP32_THREE_ARRAY_BYTES = 20  # SGD momentum, Adagrad, Lion: read p, g, state; write p, state
 LR = 1e-3
+# Hyperparameters of the other optimizers, the same for every competitor of a workload.
+SGD_KW: dict[str, Any] = {"lr": LR, "momentum": 0.9}
+ADAGRAD_KW: dict[str, Any] = {"lr": 1e-2}
+LION_KW: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.99)}
 
 
 # ---- small helpers -------------------------------------------------------------
@@ -162,7 +193,12 @@ def wait_idle(max_wait: float, threshold: float = 0.05) -> float | None:
 
 # ---- workloads -----------------------------------------------------------------
 
-WORKLOADS = "big,mix,small,tiny,in-backward,per-tensor,master-weights,bf16,fp16,grad-scaler"
+# The optimizers besides Adam, each run on the FAMILY_LAYOUTS: workload "<optimizer>-<layout>".
+FAMILY = {"sgd": "SGD momentum", "adagrad": "Adagrad", "lion": "Lion"}
+FAMILY_LAYOUTS = ("mix", "small", "lora")
+FAMILY_WORKLOADS = [f"{o}-{lay}" for o in FAMILY for lay in FAMILY_LAYOUTS]
+WORKLOADS = ",".join(["big,mix,small,lora,tiny,in-backward,per-tensor,master-weights,bf16,fp16,grad-scaler",
+                      *FAMILY_WORKLOADS])
 
 
 @dataclass
@@ -195,15 +231,44 @@ def transformer_shapes(layers: int, d: int, vocab: int, ctx: int, mlp: int) -> l
     return shapes
 
 
-def parse_mix(spec: str) -> dict[str, int]:
-    cfg = {"layers": 6, "d": 1024, "vocab": 32000, "ctx": 2048, "mlp": 4}
+def lora_shapes(layers: int, d: int, r: int, mlp: int) -> list[tuple[int, ...]]:
+    """A LoRA adapter set on a GPT-2-like model: what fine-tuning with adapters (and biases) trains.
+
+    Per layer: A (r x d_in) and B (d_out x r) for the q, k, v and out projections
+    and the two MLP projections, the six projection biases and the two norms'
+    weight and bias. With layers=12, d=768, r=8, mlp=4: 266 tensors, 1.45M elements.
+    """
+    shapes: list[tuple[int, ...]] = []
+    h = mlp * d
+    for _ in range(layers):
+        for d_in, d_out in [(d, d)] * 4 + [(d, h), (h, d)]:  # q, k, v, out; fc1, fc2
+            shapes += [(r, d_in), (d_out, r)]
+        shapes += [(d,)] * 4 + [(h,), (d,)]  # q, k, v, out, fc1, fc2 biases
+        shapes += [(d,)] * 4  # ln_1, ln_2 weight and bias
+    shapes += [(d,), (d,)]  # final norm
+    return shapes
+
+
+def parse_config(spec: str, defaults: dict[str, int], flag: str) -> dict[str, int]:
+    cfg = dict(defaults)
     if spec:
         for kv in spec.split(","):
-            k, v = kv.split("=")
+            k, _, v = kv.partition("=")
             if k not in cfg:
-                raise SystemExit(f"--mix: unknown key {k!r}; keys are {sorted(cfg)}")
-            cfg[k] = int(v)
+                raise SystemExit(f"{flag}: unknown key {k!r}; keys are {sorted(cfg)}")
+            try:
+                cfg[k] = int(v)
+            except ValueError:
+                raise SystemExit(f"{flag}: {k} needs an integer, got {v!r}") from None
     return cfg
+
+
+def parse_mix(spec: str) -> dict[str, int]:
+    return parse_config(spec, {"layers": 6, "d": 1024, "vocab": 32000, "ctx": 2048, "mlp": 4}, "--mix")
+
+
+def parse_lora(spec: str) -> dict[str, int]:
+    return parse_config(spec, {"layers": 12, "d": 768, "r": 8, "mlp": 4}, "--lora")
 
 
 def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32,
@@ -224,14 +289,54 @@ def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float3
 # ---- competitors ------------------------------------------------------------------
 
 
-def deepspeed_adam() -> tuple[Any, str]:
-    """DeepSpeedCPUAdam's class, or None and why not."""
+def import_class(module: str, name: str) -> tuple[Any, str]:
+    """module.name, or None and why not (quietly: DeepSpeed announces itself on stdout)."""
     try:
+        import importlib
         with contextlib.redirect_stdout(io.StringIO()):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam  # type: ignore
-        return DeepSpeedCPUAdam, ""
+            return getattr(importlib.import_module(module), name), ""
     except Exception as e:  # ImportError, or its op failing to build
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def deepspeed_adam() -> tuple[Any, str]:
+    """DeepSpeedCPUAdam's class, or None and why not."""
+    return import_class("deepspeed.ops.adam", "DeepSpeedCPUAdam")
+
+
+def quiet_factory(cls: Any, **kw: Any) -> Callable[[list], Any]:
+    """params -> cls(params, **kw), with the construction's stdout (DeepSpeed loading its op) swallowed."""
+    def make(ps: list) -> Any:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return cls(ps, **kw)
+    return make
+
+
+def family_competitors(optimizer: str, args: argparse.Namespace) -> dict[str, Callable[[list], Any]]:
+    """name -> factory(params) -> optimizer, for the sgd/adagrad/lion workloads; same hyperparameters for all."""
+    if optimizer == "sgd":
+        return {
+            "roundpipe": lambda ps: roundpipe.optim.SGD(ps, **SGD_KW),
+            "torch-fused": lambda ps: torch.optim.SGD(ps, **SGD_KW, fused=True),
+            "torch-default": lambda ps: torch.optim.SGD(ps, **SGD_KW, foreach=False),  # the for-loop step
+        }
+    if optimizer == "adagrad":
+        comps = {
+            "roundpipe": lambda ps: roundpipe.optim.Adagrad(ps, **ADAGRAD_KW),
+            "torch-fused": lambda ps: torch.optim.Adagrad(ps, **ADAGRAD_KW, fused=True),
+            "torch-default": lambda ps: torch.optim.Adagrad(ps, **ADAGRAD_KW, foreach=False),
+        }
+        if args.ds_adagrad_cls is not None:
+            comps["deepspeed"] = quiet_factory(args.ds_adagrad_cls, **ADAGRAD_KW)
+        return comps
+    if optimizer == "lion":
+        comps = {"roundpipe": lambda ps: roundpipe.optim.Lion(ps, **LION_KW)}
+        if args.lion_pytorch_cls is not None:
+            comps["lion-pytorch"] = quiet_factory(args.lion_pytorch_cls, **LION_KW)
+        if args.ds_lion_cls is not None:
+            comps["deepspeed"] = quiet_factory(args.ds_lion_cls, **LION_KW)
+        return comps
+    raise ValueError(f"optimizer must be one of {sorted(FAMILY)}, got {optimizer!r}")
 
 
 def fp32_competitors(args: argparse.Namespace) -> dict[str, Callable[[list], Any]]:
@@ -253,20 +358,37 @@ def fp32_competitors(args: argparse.Namespace) -> dict[str, Callable[[list], Any
 
 
 class RooflineProbe:
-    """rp_roofline_probe over four contiguous fp32 arrays of n elements."""
+    """The memory roofline of an optimizer's access pattern over n contiguous fp32 elements.
 
-    def __init__(self, n: int) -> None:
+    bytes_per_elem 28 (Adam): rp_roofline_probe, four arrays read, three written;
+    20 (SGD momentum, Adagrad, Lion): rp_roofline_probe3, three read, two written.
+    """
+
+    def __init__(self, n: int, bytes_per_elem: int = FP32_ADAM_BYTES) -> None:
+        if bytes_per_elem not in (FP32_ADAM_BYTES, FP32_THREE_ARRAY_BYTES):
+            raise ValueError(f"bytes_per_elem must be {FP32_ADAM_BYTES} or {FP32_THREE_ARRAY_BYTES}, "
+                             f"got {bytes_per_elem}")
         k = _build.load_kernel()
         if k is None:
             raise RuntimeError("roundpipe's kernel did not build: no roofline probe")
         self.lib, ffi = k.lib, k.ffi
         self.n = n
-        self.arrays = [torch.zeros(n), torch.full((n,), 1e-3), torch.zeros(n), torch.zeros(n)]
+        self.bytes_per_elem = bytes_per_elem
+        count = 4 if bytes_per_elem == FP32_ADAM_BYTES else 3
+        # b (the one only read) holds 1e-3, added to the others: no denormals, no overflow in any run's length
+        self.arrays = [torch.zeros(n), torch.full((n,), 1e-3)] + [torch.zeros(n) for _ in range(count - 2)]
         self.ptrs = [ffi.cast("float *", t.data_ptr()) for t in self.arrays]
 
     def step(self) -> None:
-        a, b, c, d = self.ptrs
-        self.lib.rp_roofline_probe(a, b, c, d, self.n, torch.get_num_threads())
+        if self.bytes_per_elem == FP32_ADAM_BYTES:
+            a, b, c, d = self.ptrs
+            self.lib.rp_roofline_probe(a, b, c, d, self.n, torch.get_num_threads())
+        else:
+            a, b, c = self.ptrs
+            self.lib.rp_roofline_probe3(a, b, c, self.n, torch.get_num_threads())
+
+    def entry(self) -> Entry:
+        return Entry("roofline-probe", self.step, self.bytes_per_elem)
 
 
 @dataclass
@@ -341,6 +463,8 @@ class Result:
     ref: str = "roundpipe"  # whose speed-up the ratios column gives
     foreign_load: float | None = None  # other processes' share of the CPUs while this ran
     disturbed_rounds: int = 0  # timed rounds kept although other processes were busy
+    optimizer: str = "Adam"  # the update rule every competitor runs
+    key: str = ""  # the --workloads name that produced it ("mix", "sgd-lora", ...)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -416,21 +540,27 @@ def new_grads_hook(params: list, sets: list[list[torch.Tensor]]) -> Callable[[in
 
 
 def bench_fp32(w: Workload, args: argparse.Namespace, threads: int, *, warmup: int, reps: int,
-               inner: int = 1, kind: str = "throughput") -> Result:
+               inner: int = 1, kind: str = "throughput", optimizer: str = "adam") -> Result:
+    """fp32 params and grads; optimizer "adam" or one of FAMILY, each against its own peers and roofline."""
     log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
     params, sets = make_params(w.shapes, grad_sets=2 if args.new_grads else 1)
     before = new_grads_hook(params, sets) if args.new_grads else None
+    if optimizer == "adam":
+        comps, nbytes, title = fp32_competitors(args), FP32_ADAM_BYTES, "Adam"
+    else:
+        comps, nbytes, title = family_competitors(optimizer, args), FP32_THREE_ARRAY_BYTES, FAMILY[optimizer]
     entries = []
-    for name, make in fp32_competitors(args).items():
+    for name, make in comps.items():
         try:
             opt = make(params)
-            entries.append(Entry(name, opt.step, FP32_ADAM_BYTES, before))
+            entries.append(Entry(name, opt.step, nbytes, before))
         except Exception as e:  # a competitor that cannot run here is reported, not fatal
             log(f"  {name}: skipped ({type(e).__name__}: {e})")
-    roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
+    roof = RooflineProbe(w.numel, nbytes).entry()
     run_rounds(entries + [roof], warmup, reps, inner)
     note = w.note + (" [--new-grads: fresh grad tensors every step]" if args.new_grads else "")
     res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof, note, kind)
+    res.optimizer = title
     del entries, roof, params, sets
     free()
     return res
@@ -947,7 +1077,7 @@ def profile_step(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-# ---- targets (issue 4 section 3, issue 5 section 5) and scaling summary ---------------------------
+# ---- targets (issue 4 section 3, issue 5 section 5, issue 11 section 7) and scaling summary -------
 
 
 def _ratio(res: Result, a: str, b: str) -> float | None:
@@ -982,6 +1112,20 @@ def check_targets(results: list[Result]) -> list[dict[str, Any]]:
         elif res.workload.startswith("many small") and rp:
             add(th, res.workload, "roundpipe / roofline", rp["frac_roofline"], 0.85)
             add(th, res.workload, "speedup vs torch-fused", _ratio(res, "roundpipe", "torch-fused"), 1.5)
+            add(th, res.workload, "speedup vs torch-default", _ratio(res, "roundpipe", "torch-default"), 3.0)
+        elif res.key == "lora" and rp:
+            add(th, res.workload, "speedup vs torch-fused", _ratio(res, "roundpipe", "torch-fused"), 1.5)
+            add(th, res.workload, "speedup vs torch-default", _ratio(res, "roundpipe", "torch-default"), 3.0)
+        elif res.key.partition("-")[0] in FAMILY and rp:
+            # issue 11 section 7: the same goals for every optimizer, against the peers it has
+            layout = res.key.partition("-")[2]
+            if layout == "mix":
+                add(th, res.workload, "roundpipe / roofline", rp["frac_roofline"], 0.90)
+                add(th, res.workload, "speedup vs torch-fused", _ratio(res, "roundpipe", "torch-fused"), 1.0)
+            else:
+                add(th, res.workload, "speedup vs torch-fused", _ratio(res, "roundpipe", "torch-fused"), 1.5)
+            add(th, res.workload, "speedup vs torch-default", _ratio(res, "roundpipe", "torch-default"), 3.0)
+            add(th, res.workload, "speedup vs lion-pytorch", _ratio(res, "roundpipe", "lion-pytorch"), 5.0)
         elif res.workload.startswith("tiny") and rp and "torch-fused" in res.rows:
             add(th, res.workload, "roundpipe us/step / torch-fused us/step",
                 rp["median_s"] / res.rows["torch-fused"]["median_s"], 1.0, higher_better=False)
@@ -1005,12 +1149,12 @@ def check_targets(results: list[Result]) -> list[dict[str, Any]]:
 def print_targets(checks: list[dict[str, Any]], out: Any) -> None:
     if not checks:
         return
-    print("\n## targets (issue 4 section 3; issue 5 section 5)", file=out)
-    print(f"{'threads':>7}  {'workload':<44} {'measure':<42} {'value':>7} {'goal':>8}  met", file=out)
+    print("\n## targets (issue 4 section 3; issue 5 section 5; issue 11 section 7), set for 2 threads", file=out)
+    print(f"{'threads':>7}  {'workload':<48} {'measure':<42} {'value':>9} {'goal':>8}  result", file=out)
     for c in checks:
         goal = (">= " if c["higher_is_better"] else "<= ") + f"{c['goal']:g}"
-        print(f"{c['threads']:>7}  {c['workload'][:44]:<44} {c['what']:<42} {c['value']:>7.3f} {goal:>8}  "
-              f"{'yes' if c['met'] else 'NO'}", file=out)
+        print(f"{c['threads']:>7}  {c['workload'][:48]:<48} {c['what']:<42} {c['value']:>9.3f} {goal:>8}  "
+              f"{'PASS' if c['met'] else 'SHORT'}", file=out)
 
 
 def print_scaling(results: list[Result], out: Any) -> None:
@@ -1035,15 +1179,16 @@ def print_scaling(results: list[Result], out: Any) -> None:
 
 # Workloads --plot can draw: throughput tables, which carry a roofline-probe row
 # (tiny and in-backward are per-call costs in microseconds; per-tensor has no Gelem/s).
-PLOT_WORKLOADS = {"big", "mix", "small", "master-weights", "bf16", "fp16", "grad-scaler"}
+PLOT_WORKLOADS = {"big", "mix", "small", "lora", "master-weights", "bf16", "fp16", "grad-scaler", *FAMILY_WORKLOADS}
 
 
 def plot_results(results: list[Result], meta: dict[str, Any], path: str) -> int:
     """Grouped bars of every competitor's Gelem/s per workload, each against the roofline; returns bars drawn.
 
     The roofline of a bar is the probe's measured GB/s over that bar's bytes per element: the step's
-    memory bound on this machine. For fp32 workloads every competitor moves 28 B/el, so the bars of a
-    workload share one roofline line; a mixed-precision competitor moving fewer bytes has a higher one.
+    memory bound on this machine. In an fp32 workload every competitor moves the same bytes (28 B/el for
+    Adam, 20 for SGD momentum, Adagrad and Lion, each against its own probe), so the bars of a workload
+    share one roofline line; a mixed-precision competitor moving fewer bytes has a higher one.
     """
     import textwrap
 
@@ -1081,7 +1226,8 @@ def plot_results(results: list[Result], meta: dict[str, Any], path: str) -> int:
                 ax.hlines(roof_gbs / row["bytes_per_elem"], x - width / 2, x + width / 2, colors="black",
                           linewidth=2, label="roofline (probe GB/s / the bar's B/el)")
                 drawn += 1
-            labels.append("\n".join(textwrap.wrap(r.workload, 22)) + f"\n{fmt_elems(r.numel)} el")
+            title = r.workload if r.workload.startswith(r.optimizer) else f"{r.optimizer}: {r.workload}"
+            labels.append("\n".join(textwrap.wrap(title, 22)) + f"\n{fmt_elems(r.numel)} el")
         ax.set_xticks(range(len(mine)), labels, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("Gelem/s (log)")
@@ -1093,7 +1239,7 @@ def plot_results(results: list[Result], meta: dict[str, Any], path: str) -> int:
             handles.setdefault(lab, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
                frameon=False)
-    fig.suptitle(f"Adam step throughput against the memory roofline: {meta['cpu']}, torch {meta['torch']}, "
+    fig.suptitle(f"Optimizer step throughput against the memory roofline: {meta['cpu']}, torch {meta['torch']}, "
                  f"roundpipe {meta['git']}, {meta['date'][:10]}", fontsize=10)
     rows_of_legend = -(-len(handles) // min(4, len(handles)))
     fig.tight_layout(rect=(0, 0.04 * rows_of_legend + 0.02, 1, 0.96))
@@ -1138,9 +1284,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="write results as JSON to this path ('-' for stdout)")
     ap.add_argument("--quick", action="store_true", help="small sizes, few reps: a smoke run")
     ap.add_argument("--workloads", default=WORKLOADS,
-                    help="which workloads to run (comma-separated)")
+                    help="which workloads to run (comma-separated; sgd, adagrad or lion stand for "
+                         "that optimizer's -mix, -small and -lora workloads)")
     ap.add_argument("--big", type=int, default=64 << 20, help="elements of the one big tensor")
     ap.add_argument("--mix", default="", help="transformer mix config, e.g. layers=6,d=1024,vocab=32000,ctx=2048,mlp=4")
+    ap.add_argument("--lora", default="", help="LoRA mix config, e.g. layers=12,d=768,r=8,mlp=4")
     ap.add_argument("--small-count", type=int, default=4096)
     ap.add_argument("--small-size", type=int, default=8192)
     ap.add_argument("--tiny", type=int, default=1000)
@@ -1153,7 +1301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ib-depth", type=int, default=8)
     ap.add_argument("--new-grads", action="store_true",
                     help="fresh grad tensor objects every step (as after zero_grad(set_to_none=True))")
-    ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed's CPU optimizers out")
+    ap.add_argument("--no-lion-pytorch", action="store_true", help="leave lion-pytorch's Lion out")
     ap.add_argument("--max-foreign", type=float, default=None,
                     help="time a round again when other processes used more than this share of the CPUs during it")
     ap.add_argument("--retry-budget", type=float, default=300.0,
@@ -1174,6 +1323,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.big = 1 << 18
         args.mix = args.mix or "layers=1,d=128,vocab=1000,ctx=64,mlp=4"
+        args.lora = args.lora or "layers=2,d=64,r=4,mlp=4"
         args.small_count, args.small_size = 32, 1024
         args.warmup, args.reps = 1, 3
         args.overhead_rounds, args.overhead_inner = 3, 20
@@ -1183,12 +1333,16 @@ def main(argv: list[str] | None = None) -> int:
     global MAX_FOREIGN, RETRY_BUDGET_S
     MAX_FOREIGN, RETRY_BUDGET_S = args.max_foreign, args.retry_budget
     mix_cfg = parse_mix(args.mix)
+    lora_cfg = parse_lora(args.lora)
     mixed_cfg = parse_mix(args.mixed_scale) if args.mixed_scale else mix_cfg
     thread_list = args.threads or [torch.get_num_threads()]
     wanted = set(args.workloads.split(",")) if args.workloads else set()
+    for opt in FAMILY:  # "sgd" = sgd-mix, sgd-small, sgd-lora
+        if opt in wanted:
+            wanted = (wanted - {opt}) | {f"{opt}-{lay}" for lay in FAMILY_LAYOUTS}
     known = set(WORKLOADS.split(","))
     if wanted - known:
-        ap.error(f"--workloads: unknown {sorted(wanted - known)}; choose from {sorted(known)}")
+        ap.error(f"--workloads: unknown {sorted(wanted - known)}; choose from {sorted(known | set(FAMILY))}")
 
     if args.plot:  # fail before measuring for minutes, not after
         try:
@@ -1203,6 +1357,24 @@ def main(argv: list[str] | None = None) -> int:
     args.deepspeed_cls, ds_why = (None, "--no-deepspeed") if args.no_deepspeed else deepspeed_adam()
     if ds_why:
         log(f"deepspeed: skipped ({ds_why})")
+    args.ds_adagrad_cls = args.ds_lion_cls = None
+    peers: dict[str, str] = {}  # the optional peers of the other optimizers: "available" or why not
+    if wanted & {f"adagrad-{lay}" for lay in FAMILY_LAYOUTS}:
+        args.ds_adagrad_cls, why = ((None, "--no-deepspeed") if args.no_deepspeed
+                                    else import_class("deepspeed.ops.adagrad", "DeepSpeedCPUAdagrad"))
+        peers["DeepSpeedCPUAdagrad"] = why or "available"
+    if wanted & {f"lion-{lay}" for lay in FAMILY_LAYOUTS}:
+        args.ds_lion_cls, why = ((None, "--no-deepspeed") if args.no_deepspeed
+                                 else import_class("deepspeed.ops.lion", "DeepSpeedCPULion"))
+        peers["DeepSpeedCPULion"] = why or "available"
+        args.lion_pytorch_cls, why = ((None, "--no-lion-pytorch") if args.no_lion_pytorch
+                                      else import_class("lion_pytorch", "Lion"))
+        peers["lion-pytorch"] = why or "available"
+    else:
+        args.lion_pytorch_cls = None
+    for name, why in peers.items():
+        if why != "available":
+            log(f"{name}: skipped ({why})")
 
     out = sys.stderr if args.json == "-" else sys.stdout
     meta = {
@@ -1217,17 +1389,21 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_elems": rp_engine.CHUNK_ELEMS,
         "serial_below": rp_engine.SERIAL_BELOW,
         "deepspeed": "available" if args.deepspeed_cls is not None else f"skipped: {ds_why}",
+        "peers": peers,
         "argv": sys.argv[1:] if argv is None else argv,
         "mix_config": mix_cfg,
+        "lora_config": lora_cfg,
         "git": git_state(),
         "loadavg_start": os.getloadavg(),
     }
-    print(f"# roundpipe Adam benchmark  {meta['date']}", file=out)
+    print(f"# roundpipe optimizer benchmark  {meta['date']}", file=out)
     print(f"# CPU: {meta['cpu']} ({meta['logical_cpus']} logical CPUs); torch {meta['torch']}; "
           f"python {meta['python']}; roundpipe native kernel: {meta['roundpipe_native']}", file=out)
     print(f"# roundpipe at {meta['git']}", file=out)
     print(f"# deepspeed: {meta['deepspeed']}; CHUNK_ELEMS={meta['chunk_elems']}, SERIAL_BELOW={meta['serial_below']}",
           file=out)
+    if peers:
+        print("# other peers: " + "; ".join(f"{k}: {v}" for k, v in peers.items()), file=out)
     print("# load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in meta["loadavg_start"])
           + f" on {os.cpu_count()} CPUs: anything well above 0 means other work shares the machine", file=out)
     print(f"# median of {args.reps} timed rounds after {args.warmup} warm-up; competitors interleaved; "
@@ -1241,6 +1417,16 @@ def main(argv: list[str] | None = None) -> int:
     big = Workload("big tensor", [(args.big,)])
     small = Workload(f"many small ({args.small_count} x {args.small_size})", [(args.small_size,)] * args.small_count)
     tiny = Workload(f"tiny ({args.tiny} elements)", [(args.tiny,)])
+    lora = Workload(f"LoRA mix ({lora_cfg['layers']} layers, d={lora_cfg['d']}, r={lora_cfg['r']})",
+                    lora_shapes(**lora_cfg), "LoRA adapters (A, B) on q, k, v, out, fc1, fc2, with biases and norms: "
+                    + ",".join(f"{k}={v}" for k, v in lora_cfg.items()) + ".")
+    hyper = {"sgd": SGD_KW, "adagrad": ADAGRAD_KW, "lion": LION_KW}
+    family: list[tuple[str, Workload, str]] = []  # (key, workload, optimizer)
+    for opt, title in FAMILY.items():
+        kw = ", ".join(f"{k}={v}" for k, v in hyper[opt].items())
+        for lay, w in (("mix", mix), ("small", small), ("lora", lora)):
+            note = f"{title} ({kw}). {w.note}".strip()
+            family.append((f"{opt}-{lay}", Workload(f"{title}: {w.name}", w.shapes, note), opt))
 
     results: list[Result] = []
     extra: dict[str, Any] = {}
@@ -1252,6 +1438,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("big", lambda th=th: bench_fp32(big, args, th, warmup=args.warmup, reps=args.reps)),
                 ("mix", lambda th=th: bench_fp32(mix, args, th, warmup=args.warmup, reps=args.reps)),
                 ("small", lambda th=th: bench_fp32(small, args, th, warmup=args.warmup, reps=args.reps)),
+                ("lora", lambda th=th: bench_fp32(lora, args, th, warmup=args.warmup, reps=args.reps)),
                 ("tiny", lambda th=th: bench_fp32(tiny, args, th, warmup=args.warmup, reps=args.overhead_rounds,
                                             inner=args.overhead_inner, kind="overhead")),
                 ("in-backward", lambda th=th: bench_in_backward(args, th)),
@@ -1266,6 +1453,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("grad-scaler", lambda th=th: bench_grad_scaler(
                     Workload("GradScaler: unscale + step", mix.shapes, mix.note), args, th)),
             ]
+            todo += [(key, lambda w=w, opt=opt, th=th: bench_fp32(
+                w, args, th, warmup=args.warmup, reps=args.reps, optimizer=opt)) for key, w, opt in family]
             for key, fn in todo:
                 if key not in wanted:
                     continue
@@ -1277,6 +1466,7 @@ def main(argv: list[str] | None = None) -> int:
                     if res is None:
                         continue
                     res.foreign_load = foreign
+                    res.key = key
                     results.append(res)
                     if res.kind == "per-tensor":
                         print_per_tensor(res, out)

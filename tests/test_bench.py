@@ -44,6 +44,85 @@ def test_quick_run_reports_every_workload(tmp_path):
     assert mw["rows"] or mw["note"].startswith("skipped"), mw
 
 
+FAMILY_PEERS = {  # what each optimizer is measured against here (DeepSpeed off; lion-pytorch when installed)
+    "SGD momentum": {"roundpipe", "torch-fused", "torch-default"},
+    "Adagrad": {"roundpipe", "torch-fused", "torch-default"},
+    "Lion": {"roundpipe"},
+}
+
+
+def test_quick_run_reports_every_optimizer(tmp_path):
+    proc, doc = run_bench(tmp_path, "--workloads", "lora,sgd,adagrad,lion")
+    results = {r["key"]: r for r in doc["results"]}
+    expected = {"lora"} | {f"{o}-{lay}" for o in ("sgd", "adagrad", "lion") for lay in ("mix", "small", "lora")}
+    assert set(results) == expected, sorted(results)
+    lion_pytorch = doc["meta"]["peers"]["lion-pytorch"] == "available"
+    for key, res in results.items():
+        opt = res["optimizer"]
+        rows = res["rows"]
+        want = {"roundpipe", "torch-fused", "torch-foreach", "torch-default"} if key == "lora" else FAMILY_PEERS[opt]
+        if opt == "Lion" and lion_pytorch:
+            want = want | {"lion-pytorch"}
+        assert set(rows) == want | {"roofline-probe"}, (key, sorted(rows))
+        # Adam moves 28 bytes per element; SGD with momentum, Adagrad and Lion 20, against a probe of the same
+        nbytes = 28 if opt == "Adam" else 20
+        for comp, row in rows.items():
+            assert row["bytes_per_elem"] == nbytes, (key, comp, row)
+            assert row["median_s"] > 0 and row["gelem_s"] > 0 and row["frac_roofline"] > 0, (key, comp, row)
+            assert row["roundpipe_speedup"] > 0
+        assert f"## {res['workload']}:" in proc.stdout
+    # the LoRA mix: a few hundred small tensors in the full size; in --quick, 2 layers of 22 tensors and the final norm
+    assert results["sgd-lora"]["n_tensors"] == 2 * 22 + 2 and results["sgd-lora"]["numel"] == results["lora"]["numel"]
+    # a targets row (PASS or SHORT) for every optimizer's workloads
+    targets = {(t["workload"], t["what"]) for t in doc["targets"]}
+    for key in expected - {"lora"}:
+        assert any(w == results[key]["workload"] for w, _ in targets), key
+    assert ("Lion: transformer mix", "speedup vs lion-pytorch") in targets or not lion_pytorch
+    assert ("Adagrad: transformer mix", "speedup vs torch-fused") in targets
+    table = proc.stdout[proc.stdout.index("## targets"):]
+    assert table.count("PASS") + table.count("SHORT") == len(doc["targets"])
+
+
+def test_deepspeed_peers_join_when_importable(tmp_path):
+    # A stand-in deepspeed package (torch's own optimizers under DeepSpeed's names and signatures) checks that
+    # the bench finds, builds and times DeepSpeed's CPU Adagrad and Lion where deepspeed imports.
+    ops = tmp_path / "fake" / "deepspeed" / "ops"
+    ops.mkdir(parents=True)
+    (ops.parent / "__init__.py").write_text("")
+    (ops / "__init__.py").write_text("")
+    (ops / "adam.py").write_text(
+        "import torch\n"
+        "class DeepSpeedCPUAdam(torch.optim.Adam):\n"
+        "    def __init__(self, params, lr=1e-3, adamw_mode=True, **kw):\n"
+        "        super().__init__(params, lr=lr)\n")
+    (ops / "adagrad.py").write_text(
+        "import torch\n"
+        "class DeepSpeedCPUAdagrad(torch.optim.Adagrad):\n"
+        "    def __init__(self, model_params, lr=1e-2, eps=1e-10, weight_decay=0, amsgrad=False,\n"
+        "                 fp32_optimizer_states=True):\n"
+        "        print('Loading extension module cpu_adagrad...')  # the bench keeps this off its stdout\n"
+        "        super().__init__(model_params, lr=lr, eps=eps, weight_decay=weight_decay)\n")
+    (ops / "lion.py").write_text(
+        "import roundpipe.optim\n"
+        "class DeepSpeedCPULion(roundpipe.optim.Lion):\n"
+        "    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0, fp32_optimizer_states=True):\n"
+        "        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)\n")
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path / "fake"), os.path.dirname(os.path.dirname(BENCH)), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--no-lion-pytorch", "--workloads",
+                           "adagrad-lora,lion-lora", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["peers"] == {"DeepSpeedCPUAdagrad": "available", "DeepSpeedCPULion": "available",
+                                    "lion-pytorch": "--no-lion-pytorch"}
+    rows = {r["key"]: set(r["rows"]) for r in doc["results"]}
+    assert rows == {"adagrad-lora": {"roundpipe", "torch-fused", "torch-default", "deepspeed", "roofline-probe"},
+                    "lion-lora": {"roundpipe", "deepspeed", "roofline-probe"}}
+    assert "Loading extension" not in proc.stdout
+
+
 def test_quick_sweeps_and_profile(tmp_path):
     proc, doc = run_bench(tmp_path, "--workloads", "", "--sweep-serial", "--chunk-sweep", "--profile")
     sw = doc["sweep_serial"]
@@ -74,12 +153,13 @@ def png_size(data: bytes) -> tuple[int, int]:
 def test_plot_draws_a_chart(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "chart.png"
-    proc, doc = run_bench(tmp_path, "--workloads", "big,bf16,tiny", "--plot", str(png))
+    proc, doc = run_bench(tmp_path, "--workloads", "big,bf16,tiny,sgd-lora,lion-small", "--plot", str(png))
     data = png.read_bytes()
     width, height = png_size(data)
     assert width >= 600 and height >= 300, (width, height)
     assert len(data) > 10_000, len(data)  # bars, ticks and text, not an empty canvas
     assert f"# chart: {png}" in proc.stdout
+    assert {"SGD momentum", "Lion"} <= {r["optimizer"] for r in doc["results"]}
     import matplotlib.image
     pixels = matplotlib.image.imread(str(png))  # decodes as a whole
     assert pixels.shape[:2] == (height, width) and pixels.std() > 0.05
