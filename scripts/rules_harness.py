@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import os
+import math
 import pathlib
 import subprocess
 import sys
@@ -111,7 +111,7 @@ def values(n: int, gen: torch.Generator, special: bool, nan: bool) -> torch.Tens
     t = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
     t[torch.rand(n, generator=gen) < 0.05] = 0.0
     if special:
-        pool = [s for s in SPECIALS if nan or (s == s and abs(s) != float("inf"))]
+        pool = [s for s in SPECIALS if nan or math.isfinite(s)]
         idx = torch.rand(n, generator=gen) < 0.03
         choice = torch.randint(len(pool), (int(idx.sum()),), generator=gen)
         t[idx] = torch.tensor(pool)[choice]
