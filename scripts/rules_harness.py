@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import pathlib
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def values(n: int, gen: torch.Generator, special: bool, nan: bool) -> torch.Tens
     t = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
     t[torch.rand(n, generator=gen) < 0.05] = 0.0
     if special:
-        pool = [s for s in SPECIALS if nan or (s == s and abs(s) != float("inf"))]
+        pool = [s for s in SPECIALS if nan or math.isfinite(s)]
         idx = torch.rand(n, generator=gen) < 0.03
         choice = torch.randint(len(pool), (int(idx.sum()),), generator=gen)
         t[idx] = torch.tensor(pool)[choice]
@@ -189,11 +190,11 @@ def run_sgd(lib, quick: bool) -> tuple[int, int]:
             sc = torch.tensor([scale], dtype=torch.float32) if scale else None
             if scale:
                 opt.grad_scale, opt.found_inf = sc.clone().reshape(()), torch.zeros(())
-            for prm, g in zip(params, gs, strict=True):
+            for prm, g in zip(params, gs):
                 prm.grad = g.clone()
             opt.step()
             first = all(b is None for b in bufs) and mom != 0.0
-            for i, (n, g) in enumerate(zip(ns, gs, strict=True)):
+            for i, (n, g) in enumerate(zip(ns, gs)):
                 og = g.clone()
                 if first:
                     bufs[i] = torch.empty_like(og)
@@ -241,11 +242,11 @@ def run_adagrad(lib, quick: bool) -> tuple[int, int]:
             sc = torch.tensor([scale], dtype=torch.float32) if scale else None
             if scale:
                 opt.grad_scale, opt.found_inf = sc.clone().reshape(()), torch.zeros(())
-            for prm, g in zip(params, gs, strict=True):
+            for prm, g in zip(params, gs):
                 prm.grad = g.clone()
             opt.step()
             step_count += 1  # torch._foreach_add_(state_steps, 1): a float32 count
-            for i, (n, g) in enumerate(zip(ns, gs, strict=True)):
+            for i, (n, g) in enumerate(zip(ns, gs)):
                 og = g.clone()
                 chunk = 32 if n < 1000 else 16384
                 fn(n, n - n % V, chunk, ptr(ours[i]), ptr(og), ptr(sums[i]), lr, lr_decay, wd, eps,
@@ -333,10 +334,10 @@ def run_lion(lib, quick: bool) -> tuple[int, int]:
                 opt.param_groups[0]["lr"] = lr * 0.37
             glr = opt.param_groups[0]["lr"]
             gs = grads_for(ps, gen, nan)
-            for prm, g in zip(params, gs, strict=True):
+            for prm, g in zip(params, gs):
                 prm.grad = torch.neg(g) if maxi else g.clone()
             opt.step()
-            for i, (n, g) in enumerate(zip(ns, gs, strict=True)):
+            for i, (n, g) in enumerate(zip(ns, gs)):
                 og = g.clone()
                 chunk = 32 if n < 1000 else 16384
                 fn(n, n - n % V, chunk, ptr(ours[i]), ptr(og), ptr(ms[i]), glr, betas[0], betas[1], wd,

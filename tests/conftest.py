@@ -11,6 +11,7 @@ and carry the `native_optional` mark.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import stat
@@ -314,3 +315,58 @@ def entries(cache: Path) -> list[Path]:
     from roundpipe import _build
 
     return sorted(p for p in cache.iterdir() if p.is_dir() and _build._KEY_RE.fullmatch(p.name))
+
+
+# ---- the build and cache tests' fixtures (test_build, test_cache_trust, test_cli) ----------
+
+LAST_JSON = "print('RESULT ' + json.dumps(result))"
+
+
+# Imports roundpipe.optim in a fresh process and reports what happened.
+IMPORT_AND_REPORT = """
+import json, os, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import roundpipe.optim as rpo
+    from roundpipe import _build
+    native = rpo.native_available()
+result = {"native": native, "from_cache": _build.INFO.from_cache, "key": _build.INFO.key,
+          "artefact": _build.INFO.artefact, "root": _build.INFO.cache_root,
+          "root_exists": os.path.exists(_build.INFO.cache_root), "private": _build.INFO.private_root,
+          "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}
+"""
+
+
+def result_of(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON a subprocess printed after 'RESULT '; fails the test with its output if none."""
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise AssertionError(f"no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache root and TMPDIR of this test's own, and no inherited roundpipe settings
+    (every test of test_build, test_cache_trust and test_cli uses it, through pytestmark)."""
+    for name in ISOLATED:
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "cache"
+    monkeypatch.setenv("ROUNDPIPE_CACHE_DIR", str(root))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache root holding one entry built for this host, to copy from."""
+    needs_compiler()
+    root = tmp_path_factory.mktemp("built") / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ISOLATED:
+            mp.delenv(name, raising=False)
+        proc = run_python("import roundpipe.optim as o; assert o.native_available()",
+                          env={"ROUNDPIPE_CACHE_DIR": str(root)}, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return root

@@ -20,61 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ISOLATED, TESTS_DIR, entries, make_cc, needs_compiler, run_python
+from conftest import IMPORT_AND_REPORT, LAST_JSON, TESTS_DIR, entries, make_cc, needs_compiler, result_of, run_python
 
 from roundpipe import _build
 
-LAST_JSON = "print('RESULT ' + json.dumps(result))"
-pytestmark = pytest.mark.native_optional  # builds and falls back in subprocesses of its own
-
-
-def result_of(proc: subprocess.CompletedProcess) -> dict:
-    """The JSON a subprocess printed after 'RESULT '; fails the test with its output if none."""
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty cache root and TMPDIR of this test's own, and no inherited roundpipe settings."""
-    for name in ISOLATED:
-        monkeypatch.delenv(name, raising=False)
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ROUNDPIPE_CACHE_DIR", str(root))
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    return root
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache root holding one entry built for this host, to copy from."""
-    needs_compiler()
-    root = tmp_path_factory.mktemp("built") / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ISOLATED:
-            mp.delenv(name, raising=False)
-        proc = run_python("import roundpipe.optim as o; assert o.native_available()",
-                          env={"ROUNDPIPE_CACHE_DIR": str(root)}, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    return root
-
-
-# Imports roundpipe.optim in a fresh process and reports what happened.
-IMPORT_AND_REPORT = """
-import json, os, warnings
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    import roundpipe.optim as rpo
-    from roundpipe import _build
-    native = rpo.native_available()
-result = {"native": native, "from_cache": _build.INFO.from_cache, "key": _build.INFO.key,
-          "artefact": _build.INFO.artefact, "root": _build.INFO.cache_root,
-          "root_exists": os.path.exists(_build.INFO.cache_root), "private": _build.INFO.private_root,
-          "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}
-"""
+# builds and falls back in subprocesses of its own; each test with an empty cache of its own
+pytestmark = [pytest.mark.native_optional, pytest.mark.usefixtures("cache")]
 
 
 def import_and_report(timeout: float = 180, **env: str) -> dict:

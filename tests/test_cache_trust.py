@@ -17,46 +17,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_python
-from test_build import (
-    IMPORT_AND_REPORT,
-    ISOLATED,
-    LAST_JSON,
-    entries,
-    needs_compiler,
-    result_of,
-)
+from conftest import IMPORT_AND_REPORT, LAST_JSON, entries, needs_compiler, result_of, run_python
 
 from roundpipe import _build
 
 ME = os.geteuid()
 STRANGERS = "frozenset({4242, 4243})"  # neither is this user nor the uid that owns the test's files
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty cache root and TMPDIR of this test's own, and no inherited roundpipe settings."""
-    for name in ISOLATED:
-        monkeypatch.delenv(name, raising=False)
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ROUNDPIPE_CACHE_DIR", str(root))
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    return root
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache root holding one entry built for this host, to copy from."""
-    needs_compiler()
-    root = tmp_path_factory.mktemp("built") / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ISOLATED:
-            mp.delenv(name, raising=False)
-        proc = run_python("import roundpipe.optim as o; assert o.native_available()",
-                          env={"ROUNDPIPE_CACHE_DIR": str(root)}, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    return root
+pytestmark = pytest.mark.usefixtures("cache")  # each test with an empty cache of its own
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ISOLATED, TESTS_DIR, entries, make_cc, needs_compiler
+from conftest import TESTS_DIR, entries, make_cc, needs_compiler
 
 import roundpipe
 
-pytestmark = pytest.mark.native_optional  # each command runs in a subprocess with its own settings
+pytestmark = [pytest.mark.native_optional,  # each command runs in a subprocess with its own settings
+              pytest.mark.usefixtures("cache")]
 
 
 def cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
@@ -26,15 +27,6 @@ def cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedPro
 def rows(stdout: str) -> dict[str, str]:
     """info's `name   value` rows (the first 14 columns are the name)."""
     return {line[:14].strip(): line[14:].strip() for line in stdout.splitlines() if line[:14].strip()}
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ISOLATED:
-        monkeypatch.delenv(name, raising=False)
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ROUNDPIPE_CACHE_DIR", str(root))
-    return root
 
 
 def test_info_says_what_this_host_uses(cache):

@@ -243,13 +243,10 @@ def test_roundpipe_checkpoint_into_torch_fused():
     run_steps(a, p, range(5))
     b = torch_adam(p, **kw)
     b.load_state_dict(torch.load(_roundtrip(a.state_dict()), weights_only=True))
-    # torch's load_state_dict takes every hyperparameter from the saved groups, `fused` included, and
-    # roundpipe saved the user's fused=None (roundpipe ignores the flag and keeps the user's value).
-    # Left as None, torch would step with its single-tensor for-loop, not the fused kernel that
-    # roundpipe matches bit for bit, so put the flag back after loading:
-    assert all(group["fused"] is None for group in b.param_groups)
-    for group in b.param_groups:
-        group["fused"] = True
+    # torch's load_state_dict takes every hyperparameter from the saved groups, `fused` included:
+    # roundpipe's checkpoint says fused=True (issue 14), so torch resumes on the fused kernel that
+    # roundpipe matches bit for bit, with no manual step.
+    assert all(group["fused"] is True for group in b.param_groups)
     run_steps(b, p, range(5, 10))
     assert_same_params(p, ref_p, "roundpipe -> torch fused")
     assert_same_state(b, p, ref, ref_p, "roundpipe -> torch fused")

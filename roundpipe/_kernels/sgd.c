@@ -12,11 +12,13 @@
  * its own vectorized loop. No OpenMP here: the shared scheduler calls
  * sgd_fp32_span on spans of a tensor.
  *
- * torch runs a vector loop over the first numel - numel % V elements (V = 16
- * floats with AVX-512, 8 with AVX2) and a scalar tail loop over the rest; the
- * two round differently (see torch_tail below). Measured, not guessed: each
- * fmaf() below was chosen by comparing bits against torch on random data where
- * the fused and unfused forms differ (scripts/rules_harness.py --probe).
+ * torch's kernel rounds differently in three regions of a tensor (rules.h):
+ * its Vectorized loop, the 8-lane body GCC made of its tail loop, and that
+ * loop's scalar epilogue. Measured, not guessed: each fmaf() below was chosen
+ * by comparing bits against torch 2.13 (AVX-512 and AVX2 kernels) on random
+ * data where the fused and unfused forms differ, per region; NaN signs were
+ * read off NaN grads in each region. scripts/rules_harness.py then checks
+ * every flag combination, sizes 1..67 and large, several steps, NaN/Inf.
  */
 #include <math.h>
 #include <stddef.h>
