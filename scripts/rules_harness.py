@@ -85,7 +85,9 @@ def build(rule: str, tmp: str) -> ctypes.CDLL:
              "lion": "void h_lion" + rest.split("void h_lion")[1]}
     src.write_text(head + parts[rule])
     so = pathlib.Path(tmp) / f"h_{rule}.so"
-    subprocess.run(["gcc", *CFLAGS, "-o", str(so), str(src), "-lm"], check=True)
+    # engine.c: what the rule's entry point (rp_run, via runner.h) links against
+    subprocess.run(["gcc", *CFLAGS, "-fopenmp", "-I" + str(KERNELS), "-o", str(so), str(src),
+                    str(KERNELS / "engine.c"), "-lm"], check=True)
     return ctypes.CDLL(str(so))
 
 
@@ -190,11 +192,11 @@ def run_sgd(lib, quick: bool) -> tuple[int, int]:
             sc = torch.tensor([scale], dtype=torch.float32) if scale else None
             if scale:
                 opt.grad_scale, opt.found_inf = sc.clone().reshape(()), torch.zeros(())
-            for prm, g in zip(params, gs):
+            for prm, g in zip(params, gs, strict=True):
                 prm.grad = g.clone()
             opt.step()
             first = all(b is None for b in bufs) and mom != 0.0
-            for i, (n, g) in enumerate(zip(ns, gs)):
+            for i, (n, g) in enumerate(zip(ns, gs, strict=True)):
                 og = g.clone()
                 if first:
                     bufs[i] = torch.empty_like(og)
@@ -242,11 +244,11 @@ def run_adagrad(lib, quick: bool) -> tuple[int, int]:
             sc = torch.tensor([scale], dtype=torch.float32) if scale else None
             if scale:
                 opt.grad_scale, opt.found_inf = sc.clone().reshape(()), torch.zeros(())
-            for prm, g in zip(params, gs):
+            for prm, g in zip(params, gs, strict=True):
                 prm.grad = g.clone()
             opt.step()
             step_count += 1  # torch._foreach_add_(state_steps, 1): a float32 count
-            for i, (n, g) in enumerate(zip(ns, gs)):
+            for i, (n, g) in enumerate(zip(ns, gs, strict=True)):
                 og = g.clone()
                 chunk = 32 if n < 1000 else 16384
                 fn(n, n - n % V, chunk, ptr(ours[i]), ptr(og), ptr(sums[i]), lr, lr_decay, wd, eps,
@@ -334,10 +336,10 @@ def run_lion(lib, quick: bool) -> tuple[int, int]:
                 opt.param_groups[0]["lr"] = lr * 0.37
             glr = opt.param_groups[0]["lr"]
             gs = grads_for(ps, gen, nan)
-            for prm, g in zip(params, gs):
+            for prm, g in zip(params, gs, strict=True):
                 prm.grad = torch.neg(g) if maxi else g.clone()
             opt.step()
-            for i, (n, g) in enumerate(zip(ns, gs)):
+            for i, (n, g) in enumerate(zip(ns, gs, strict=True)):
                 og = g.clone()
                 chunk = 32 if n < 1000 else 16384
                 fn(n, n - n % V, chunk, ptr(ours[i]), ptr(og), ptr(ms[i]), glr, betas[0], betas[1], wd,

@@ -80,6 +80,14 @@ def _scalar(x: float | Tensor) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
+def check_lr(lr: Any, where: str) -> None:
+    """torch's learning-rate checks, shared by the rules: a float or a 1-element Tensor, >= 0."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element{where}, got {lr.numel()} elements")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}{where}")
+
+
 def _dtensor_type() -> type | None:
     """torch's DTensor class, or None while torch.distributed.tensor is not imported.
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, fp32_working_set, torch_dispatch_vec
+from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_lr, fp32_working_set, torch_dispatch_vec
 
 __all__ = ["Adagrad"]
 
@@ -86,10 +86,8 @@ class Adagrad(FusedOptimizer):
                     self.state[p].update(self._new_state(p, p, group, self._layout(group, p)[1]))
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element{where}, got {lr.numel()} elements")
-        for name, what in (("lr", "learning rate"), ("lr_decay", "lr_decay value"), ("weight_decay", "weight_decay value"),
+        check_lr(group["lr"], where)
+        for name, what in (("lr_decay", "lr_decay value"), ("weight_decay", "weight_decay value"),
                            ("initial_accumulator_value", "initial_accumulator_value value"), ("eps", "epsilon value")):
             if not 0.0 <= group[name]:
                 raise ValueError(f"Invalid {what}: {group[name]}{where}")

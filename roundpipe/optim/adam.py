@@ -21,6 +21,7 @@ from ._engine import (  # noqa: F401  (CHUNK_ELEMS, SERIAL_BELOW, _TORCH_VEC: re
     _scalar,
     _TORCH_VEC,
     FusedOptimizer,
+    check_lr,
     native_available,
 )
 
@@ -29,10 +30,7 @@ __all__ = ["Adam", "AdamW", "native_available"]
 
 def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str = "") -> None:
     """torch.optim.Adam's value checks, one line each; `where` names the group at step time."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Tensor lr must be 1-element{where}, got {lr.numel()} elements")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}{where}")
+    check_lr(lr, where)
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}{where}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:

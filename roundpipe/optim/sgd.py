@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, fp32_working_set, torch_dispatch_vec
+from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_lr, fp32_working_set, torch_dispatch_vec
 
 __all__ = ["SGD"]
 
@@ -82,11 +82,7 @@ class SGD(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element{where}, got {lr.numel()} elements")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}{where}")
+        check_lr(group["lr"], where)
         if not 0.0 <= group["momentum"]:
             raise ValueError(f"Invalid momentum value: {group['momentum']}{where}")
         if not 0.0 <= group["weight_decay"]:
