@@ -368,3 +368,37 @@ def test_fallback_does_not_rewrite_grads_without_a_grad_scale(tmp_path):
         print("ok")
     """)
     assert "ok" in out
+
+
+NAN_BITS_SCRIPT = """
+import torch, roundpipe.optim as rpo
+torch.manual_seed(0)
+out = []
+for kw in ({"master_weights": True}, {"exp_avg_dtype": torch.float32, "exp_avg_sq_dtype": torch.float32},
+           {"master_weights": True, "weight_decay": 0.1, "maximize": True}):
+    for scale in (None, torch.tensor(2.0)):
+        p = torch.randn(40).half()
+        p[1] = float("nan"); p.view(torch.int16)[2] = 0x7c01; p[6] = float("inf")
+        p.requires_grad_()
+        opt = rpo.Adam([p], **kw)
+        g = torch.randn(40).half()
+        g[3] = g[37] = float("nan"); g[5] = g[6] = float("inf"); g[7] = -float("inf"); g.view(torch.int16)[8] = 0x7c01
+        for _ in range(2):
+            p.grad = g.clone()
+            opt.step(grad_scale=scale)
+        out.append(p.detach().view(torch.int16).tolist() + p.grad.view(torch.int16).tolist()
+                   + [t.view(torch.int32).tolist() for t in opt.state[p].values() if t.dtype == torch.float32])
+print("BITS", out)
+"""
+
+
+def test_fallback_nan_bits_equal_the_kernels_for_fp16_with_fp32_state(tmp_path):
+    """fp16 params with fp32 masters or moments, NaN/Inf in params and grads: the torch fallback
+    writes the kernel's bits (params, unscaled grads, state)."""
+    native = run_python(NAN_BITS_SCRIPT)
+    fallback = run_python(NAN_BITS_SCRIPT, env={"CC": "/nonexistent/cc", "ROUNDPIPE_CACHE_DIR": str(tmp_path),
+                                                "ROUNDPIPE_REQUIRE_NATIVE": "0", "PYTHONWARNINGS": "ignore"})
+    assert native.returncode == 0, native.stderr[-2000:]
+    assert fallback.returncode == 0, fallback.stderr[-2000:]
+    bits = [[ln for ln in r.stdout.splitlines() if ln.startswith("BITS")] for r in (native, fallback)]
+    assert bits[0] and bits[0] == bits[1]
