@@ -149,7 +149,7 @@ class _GroupPlan:
         self.param_sig: tuple = ()  # signature() of params and of grads when the arrays were filled
         self.param_bytes: list[int] = []  # storage sizes of params, grads and state tensors when the
         self.grad_bytes: list[int] = []  # arrays were filled: a storage shrunk in place at the same
-        self.state_bytes: list[list[int]] = []  # address (resize_(0), then resize_(m)) must not be written
+        self.state_bytes: list[list[int] | None] = []  # address (resize_(0), then resize_(m)) must not be written
         self.state_ptrs: list[list[int]] = []  # data pointers of the state tensors, per key
         self.grad_sig: tuple = ([], [], [])
         # Grads checked by _plan that the next run points the C arrays at, and their signature.
@@ -215,7 +215,7 @@ class _GroupPlan:
                 current = _state_column(self.states, key)
                 if not all(map(operator.is_, current, tensors)):
                     return None  # a state tensor was replaced
-                if list(map(self.ptr_of, current)) != ptrs or self.storage_bytes(current) != nbytes:
+                if list(map(self.ptr_of, current)) != ptrs or (nbytes is not None and self.storage_bytes(current) != nbytes):
                     return None  # its memory moved under the same object
         except (KeyError, RuntimeError):
             return None  # opt.state[p].clear(), or a tensor without storage: the full check decides
@@ -675,7 +675,10 @@ class FusedOptimizer(Optimizer):
         plan.state_keys = tuple(keys)
         plan.state_tensors = [_state_column(plan.states, k) for k in keys]
         plan.state_ptrs = [list(map(plan.ptr_of, ts)) for ts in plan.state_tensors]
-        plan.state_bytes = [plan.storage_bytes(ts) for ts in plan.state_tensors]
+        # A 0-dim step's storage cannot shrink in place and keep its address (resize_(0) makes it
+        # NULL, which its address check sees): its size is not rechecked each step.
+        plan.state_bytes = [None if k == "step" else plan.storage_bytes(ts)
+                            for k, ts in zip(keys, plan.state_tensors, strict=True)]
 
     def _build_native(self, plan: _GroupPlan) -> None:
         kernel = cast(Any, self._kernel)  # called only when the kernel loaded
