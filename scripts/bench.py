@@ -197,7 +197,7 @@ def wait_idle(max_wait: float, threshold: float = 0.05) -> float | None:
 FAMILY = {"sgd": "SGD momentum", "adagrad": "Adagrad", "lion": "Lion"}
 FAMILY_LAYOUTS = ("mix", "small", "lora")
 FAMILY_WORKLOADS = [f"{o}-{lay}" for o in FAMILY for lay in FAMILY_LAYOUTS]
-WORKLOADS = ",".join(["big,mix,small,lora,tiny,in-backward,per-tensor,master-weights,bf16,fp16,grad-scaler",
+WORKLOADS = ",".join(["big,mix,small,lora,tiny,in-backward,per-tensor,master-weights,bf16,fp16,grad-scaler,lowmem",
                       *FAMILY_WORKLOADS])
 
 
@@ -681,6 +681,30 @@ def bench_low_precision_params(w: Workload, args: argparse.Namespace, threads: i
     return res
 
 
+def bench_low_memory(w: Workload, args: argparse.Namespace, threads: int) -> Result:
+    """Issue 12's layouts against the ones they slim: fp32 params with bf16 moments against fp32
+    moments (28 -> 20 B/el), and bf16 params with stochastic rounding against round-to-nearest."""
+    log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
+    p32, _ = make_params(w.shapes, torch.float32)
+    p32b, _ = make_params(w.shapes, torch.float32)
+    p16, _ = make_params(w.shapes, torch.bfloat16)
+    p16b, _ = make_params(w.shapes, torch.bfloat16)
+    bf16 = torch.bfloat16
+    entries = [
+        Entry("fp32 moments", roundpipe.optim.AdamW(p32, lr=LR).step, FP32_ADAM_BYTES),
+        Entry("bf16 moments", roundpipe.optim.AdamW(p32b, lr=LR, exp_avg_dtype=bf16, exp_avg_sq_dtype=bf16).step, 20),
+        Entry("bf16 params", roundpipe.optim.AdamW(p16, lr=LR).step, 14),
+        Entry("bf16 params, stochastic rounding", roundpipe.optim.AdamW(p16b, lr=LR, bf16_stochastic_round=True).step, 14),
+    ]
+    roof = Entry("roofline-probe", RooflineProbe(w.numel).step, FP32_ADAM_BYTES)
+    run_rounds(entries + [roof], args.warmup, args.reps)
+    res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof,
+                    (w.note + " AdamW. speedup: fp32 moments' time / each row's.").strip(), ref="fp32 moments")
+    del entries, roof, p32, p32b, p16, p16b
+    free()
+    return res
+
+
 def bench_grad_scaler(w: Workload, args: argparse.Namespace, threads: int) -> Result:
     """GradScaler's unscale + Adam: direct fused calls, and the whole scaler.step()/update() path."""
     log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
@@ -1134,6 +1158,14 @@ def check_targets(results: list[Result]) -> list[dict[str, Any]]:
                 _ratio(res, "roundpipe master_weights", "torch seq (foreach_copy)"), 1.5)
             add(th, res.workload, "speedup vs torch seq (grad.float())",
                 _ratio(res, "roundpipe master_weights", "torch seq (grad.float())"), 1.5)
+        elif res.workload == "low-memory layouts" and "fp32 moments" in res.rows:
+            # issue 12 section 1 and 3: bf16 moments <= 0.8x the fp32-moment step; stochastic rounding
+            # within 10% of the round-to-nearest bf16 step
+            for what, a, b, goal in (("bf16 moments time / fp32 moments time", "bf16 moments", "fp32 moments", 0.8),
+                                     ("stochastic rounding time / bf16 params time",
+                                      "bf16 params, stochastic rounding", "bf16 params", 1.1)):
+                speedup = _ratio(res, a, b)
+                add(th, res.workload, what, 1.0 / speedup if speedup else None, goal, higher_better=False)
         elif res.workload.startswith("GradScaler"):
             add(th, res.workload, "via GradScaler: speedup vs torch-fused",
                 _ratio(res, "roundpipe via GradScaler", "torch-fused via GradScaler"), 1.3)
@@ -1179,7 +1211,8 @@ def print_scaling(results: list[Result], out: Any) -> None:
 
 # Workloads --plot can draw: throughput tables, which carry a roofline-probe row
 # (tiny and in-backward are per-call costs in microseconds; per-tensor has no Gelem/s).
-PLOT_WORKLOADS = {"big", "mix", "small", "lora", "master-weights", "bf16", "fp16", "grad-scaler", *FAMILY_WORKLOADS}
+PLOT_WORKLOADS = {"big", "mix", "small", "lora", "master-weights", "bf16", "fp16", "grad-scaler", "lowmem",
+                  *FAMILY_WORKLOADS}
 
 
 def plot_results(results: list[Result], meta: dict[str, Any], path: str) -> int:
@@ -1452,6 +1485,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch.float16)),
                 ("grad-scaler", lambda th=th: bench_grad_scaler(
                     Workload("GradScaler: unscale + step", mix.shapes, mix.note), args, th)),
+                ("lowmem", lambda th=th: bench_low_memory(
+                    Workload("low-memory layouts", mixed.shapes, mixed.note), args, th)),
             ]
             todo += [(key, lambda w=w, opt=opt, th=th: bench_fp32(
                 w, args, th, warmup=args.warmup, reps=args.reps, optimizer=opt)) for key, w, opt in family]
