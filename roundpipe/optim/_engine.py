@@ -405,7 +405,7 @@ class FusedOptimizer(Optimizer):
         params = param_group.get("params")
         if isinstance(params, (list, tuple)):
             _check_no_duplicates([*self.param_groups, {"params": params}], self._NAME)
-        super().add_param_group(param_group)
+        _TORCH_ADD_PARAM_GROUP(self, param_group)
         if hasattr(self, "_plans"):  # not yet during __init__
             self._plans.clear()
 
@@ -786,6 +786,12 @@ def _opaque_to_torch_compile(fn: Callable[..., Any]) -> None:
 
 
 _opaque_to_torch_compile(FusedOptimizer.step)
+_opaque_to_torch_compile(FusedOptimizer.add_param_group)
+# torch decorates Optimizer.add_param_group with torch._disable_dynamo, whose first call imports
+# torch._dynamo: about a second on 2 cores, paid when a process builds its first optimizer. Our
+# add_param_group is opaque to the compiler itself (above), so it calls the function underneath.
+_TORCH_ADD_PARAM_GROUP: Callable[..., None] = getattr(Optimizer.add_param_group, "__wrapped__",
+                                                      Optimizer.add_param_group)
 
 
 # ---- checks ----------------------------------------------------------------------
