@@ -245,9 +245,10 @@ def launch(scenario: str, outdir: Path, world: int = WORLD) -> list[dict]:
     """Run `scenario` on `world` fresh worker processes; return each rank's results.
 
     torch's gloo process group can abort a worker in its own teardown, after the scenario
-    finished and the barrier passed ("terminate called without an active exception", seen
-    once in about ten runs this session, in a rank whose peer exited 0). Such a launch is run once more,
-    from scratch; a second failure, or any failure before the results were written, fails.
+    finished and the barrier passed ("terminate called without an active exception", in a rank
+    whose peer exited 0: seen once in each of two full-suite runs this session, in one of its five
+    launches, never in nine runs of this file alone). Such a launch is run once more, from
+    scratch; a second failure, or any failure before the results were written, fails.
     """
     for attempt in range(2):
         try:
