@@ -303,3 +303,26 @@ def test_fallback_without_a_compiler_steps_each_rule(name, tmp_path):
     """)
     res = run_python(code)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("ref_cls", "rp_cls", "kw", "keys"), RULES)
+def test_torch_resumes_a_roundpipe_checkpoint_on_its_fused_kernel(ref_cls, rp_cls, kw, keys):
+    """The checkpoint says fused=True, so torch's optimizer, built with its default arguments,
+    resumes on its fused kernel: bit for bit an uninterrupted torch fused run."""
+    gen = torch.Generator().manual_seed(8)
+    init = torch.randn(1003, generator=gen)
+    grads = [torch.randn(1003, generator=gen) for _ in range(5)]
+    a, b = init.clone().requires_grad_(), init.clone().requires_grad_()
+    ref, opt = ref_cls([a], fused=True, **kw), rp_cls([b], **kw)
+    for g in grads[:3]:
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    resumed = ref_cls([b], **kw)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.param_groups[0]["fused"] is True
+    for g in grads[3:]:
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        resumed.step()
+    _assert_same(ref, resumed, [a], [b], keys)
