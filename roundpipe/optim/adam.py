@@ -268,9 +268,10 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     write_back: list[tuple[Tensor, Tensor]] = []
     rounded: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (param, fp32 result, seed, step): stochastic
     sr = bool(group.get("bf16_stochastic_round"))
+    amsgrad, use_master = bool(group["amsgrad"]), bool(group.get("master_weights"))
+    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
     for p, g, st in zip(plan.params, plan.grads, plan.states, strict=True):
-        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if bool(plan.group["amsgrad"]) else [])
-        master = st.get("master_param") if bool(group.get("master_weights")) and p.dtype in _LOW_PRECISION else None
+        master = st.get("master_param") if use_master and p.dtype in _LOW_PRECISION else None
         if master is None and not sr and all(st[n].dtype == p.dtype for n in names):
             tensors = [real(p), real(g)] + [real(st[n]) for n in names]
         else:
@@ -283,7 +284,7 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
                 write_back.append((p, work))
             if grad_scale is not None:  # the fused kernel unscaled the fp32 copy of the grad in place
                 write_back.append((g, tensors[1]))
-        for lst, t in zip(lists, tensors[:4] + ([tensors[4]] if bool(plan.group["amsgrad"]) else []), strict=False):  # steps: below
+        for lst, t in zip(lists, tensors, strict=False):  # param, grad, moments (max with amsgrad); steps below
             lst.append(t)
         lists[5].append(st["step"])
     params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = lists
@@ -292,7 +293,7 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     fn = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
     fn(
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
-        amsgrad=bool(plan.group["amsgrad"]), lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
+        amsgrad=amsgrad, lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
         weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
         grad_scale=grad_scale, found_inf=found_inf,
     )
