@@ -80,6 +80,20 @@ def _scalar(x: float | Tensor) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
+def check_number(group: dict[str, Any], key: str, where: str, *, tensor_ok: bool = False) -> float:
+    """group[key] as a float, or TypeError naming it: every rule checks every hyperparameter's
+    type with this before its range, for every group, before any group steps (so ``None`` or a
+    string in group 1 raises before group 0 is touched). A 1-element Tensor passes where torch
+    takes one (``lr``, ``betas``) and tensor_ok is set; bools are refused (True is not a rate)."""
+    value = group.get(key)
+    if isinstance(value, Tensor) and tensor_ok and value.numel() == 1 and not value.is_complex():
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a real number or a 1-element Tensor" if tensor_ok else "a real number"
+        raise TypeError(f"{key} must be {kind}{where}, got {value!r}")
+    return float(value)
+
+
 def check_lr(lr: Any, where: str) -> None:
     """torch's learning-rate checks, shared by the rules: a float or a 1-element Tensor, >= 0."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
