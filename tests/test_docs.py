@@ -68,7 +68,8 @@ def test_every_public_class_has_a_reference_page_in_the_nav():
         "docs/reference/<name in lower case>.md with a short intro and the line "
         "'::: roundpipe.optim.<Name>', and list it under Optimizers in mkdocs.yml's nav "
         "(docs/adding-an-optimizer.md, 'The reference page')")
-    unknown = sorted(set(rendered) - set(roundpipe.optim.__all__))
+    # private modules may be rendered on purpose (the tutorial shows roundpipe.optim._engine's hooks)
+    unknown = sorted(n for n in rendered if not n.startswith("_") and n not in roundpipe.optim.__all__)
     assert not unknown, f"pages render names that roundpipe.optim does not export: {unknown}"
 
 
@@ -87,10 +88,10 @@ def test_rst_math_extension_rewrites_torch_style_docstrings():
     assert spec and spec.loader
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
-    doc = "Intro.\n\n.. math::\n    a \\leftarrow b\n    + c\n\nArgs:\n    lr: rate :math:`\\gamma`.\n" \
+    doc = "See :class:`~x.Y`.\n\n.. math::\n    a \\leftarrow b\n    + c\n\nArgs:\n    lr: rate :math:`\\gamma`.\n" \
           "    foreach, fused: ignored,\n        with a warning.\n    eps: term.\n"
     out = ext.split_shared_args(ext.rst_math_to_arithmatex(doc))
-    assert out == ("Intro.\n\n$$\na \\leftarrow b\n+ c\n$$\n\nArgs:\n    lr: rate $\\gamma$.\n"
+    assert out == ("See `x.Y`.\n\n$$\na \\leftarrow b\n+ c\n$$\n\nArgs:\n    lr: rate $\\gamma$.\n"
                    "    foreach: ignored,\n        with a warning.\n    fused: ignored,\n        with a warning.\n"
                    "    eps: term.")
 

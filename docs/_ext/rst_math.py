@@ -7,7 +7,8 @@ before it is parsed, into what ``pymdownx.arithmatex`` renders with MathJax:
 
 * a ``.. math::`` line and the lines indented below it become a ``$$ ... $$`` block at the
   directive's indentation;
-* ``:math:`x``` becomes ``$x$``;
+* ``:math:`x``` becomes ``$x$``, and a cross-reference role (``:class:`FusedOptimizer```,
+  ``:func:``, ``:meth:``, ...) becomes a code span;
 * in an ``Args:`` section, an entry for several arguments at once (``foreach, fused: ...``)
   becomes one entry per argument with the same text, so that each is matched to its
   signature default (and none is reported as an unknown parameter).
@@ -24,6 +25,7 @@ from typing import Any
 import griffe
 
 _ROLE = re.compile(r":math:`([^`]+)`")
+_XREF = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|obj|exc|data):`~?([^`]+)`")
 _DIRECTIVE = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*(?P<rest>.*)$")
 _SECTION = re.compile(r"^(?P<indent>[ \t]*)(Args|Arguments|Parameters|Keyword Args|Keyword Arguments):[ \t]*$")
 _MULTI = re.compile(r"^(?P<indent>[ \t]+)(?P<names>[A-Za-z_]\w*(?:,[ \t]*[A-Za-z_]\w*)+):(?P<text>.*)$")
@@ -73,7 +75,7 @@ def rst_math_to_arithmatex(text: str) -> str:
     while i < len(lines):
         m = _DIRECTIVE.match(lines[i])
         if m is None:
-            out.append(_ROLE.sub(r"$\1$", lines[i]))
+            out.append(_XREF.sub(r"`\1`", _ROLE.sub(r"$\1$", lines[i])))
             i += 1
             continue
         indent = m.group("indent")

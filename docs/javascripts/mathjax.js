@@ -1,6 +1,9 @@
 // MathJax for pymdownx.arithmatex (generic mode), as Material for MkDocs documents it.
 window.MathJax = {
+  // textmacros: \_ inside \text{...}, as in torch's docstrings (\text{decoupled\_weight\_decay})
+  loader: { load: ["[tex]/textmacros"] },
   tex: {
+    packages: { "[+]": ["textmacros"] },
     inlineMath: [["\\(", "\\)"]],
     displayMath: [["\\[", "\\]"]],
     processEscapes: true,
