@@ -7,20 +7,20 @@
  */
 
 /* Element types of the arrays behind the void pointers below. */
-enum { RP_F32 = 0, RP_BF16 = 1, RP_F16 = 2 };
+enum { RP_F32 = 0, RP_BF16 = 1, RP_F16 = 2, RP_U8 = 3 /* 8-bit codes (adam8bit.c) */ };
 
 /* One parameter tensor and its optimizer state, flattened. */
 typedef struct {
     void *param;            /* the parameter (param_dtype), updated in place             */
     void *grad;             /* its gradient (param_dtype); unscaled in place when a grad
                                scale is given, as torch's fused optimizers do             */
-    void *state[3];         /* the rule's state tensors (state_dtype[i]), in the order of
+    void *state[4];         /* the rule's state tensors (state_dtype[i]), in the order of
                                its Python class's state keys; NULL where unused           */
     float *master;          /* fp32 master copy of param, or NULL                         */
     float *step;            /* the 0-dim float32 `step` state tensor, or NULL             */
     int64_t numel;
     int32_t param_dtype;
-    int32_t state_dtype[3];
+    int32_t state_dtype[4];
     const int64_t *seed;    /* the `sr_seed` state tensor with stochastic rounding, or NULL */
     uint64_t sr_key;        /* this step's key for the random bits, from seed and step     */
     int32_t fresh;          /* 1 on the first step of state the engine just created       */
