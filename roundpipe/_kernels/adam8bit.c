@@ -4,10 +4,12 @@
  * fp32 absmax per block of block_size elements, in quant8.h's format. A step
  * walks a chunk block by block, in one pass over memory: the block's codes are
  * decoded into fp32 arrays on the stack (L1), Adam's update runs on them and on
- * the param and grad exactly as adam.c computes its vector loop (adam_math.h),
- * the block's new absmax is taken and the block is encoded again. The update
- * therefore uses this step's fp32 moments, as bitsandbytes and torchao do; only
- * what is stored between steps is 8-bit.
+ * the param and grad exactly as adam.c computes it (adam_math.h: torch's fused
+ * fp32 step, its tail loop's rounding included), the block's new absmax is taken
+ * and the block is encoded again. The update therefore uses this step's fp32
+ * moments, as bitsandbytes and torchao do; only what is stored between steps is
+ * 8-bit. In one sentence: a step is torch's fused fp32 Adam/AdamW step on the
+ * decoded moments, which are then encoded (the torch fallback does just that).
  *
  * Chunks (engine.c, rp_plan_chunks) are 16384 elements from a tensor's start and
  * block_size divides 16384, so a chunk holds whole blocks and no two threads
@@ -36,17 +38,12 @@ typedef struct {
     int64_t torch_vec, block;
 } q8_ctx;
 
-/* Adam's update on n fp32 elements, by torch's vector-loop rules (adam_elements). */
-static void q8_update(int64_t n, float *p, float *g, float *m, float *v, const rp_consts *k, int unscale)
-{
-    if (unscale) adam_elements(n, p, NULL, g, m, v, NULL, k, F32, F32, F32, 0, 1, 0, 0, 0, 0);
-    else adam_elements(n, p, NULL, g, m, v, NULL, k, F32, F32, F32, 0, 0, 0, 0, 0, 0);
-}
 
 /* Elements [b, e) of an 8-bit tensor, b a multiple of the block size. The
    param and grad are read in place when fp32 (the master copy stands in for a
    16-bit param), else staged through fp32 blocks of RP_BLOCK elements. */
-static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k, int64_t block, int unscale)
+static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k, int64_t block, int unscale,
+                    int64_t tail_start)
 {
     float mb[Q8_MAX_BLOCK] __attribute__((aligned(64)));
     float vb[Q8_MAX_BLOCK] __attribute__((aligned(64)));
@@ -66,7 +63,7 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
         rp_q8_decode(mb, mc + s0, n, &qm, 0);
         rp_q8_decode(vb, vc + s0, n, &qv, 1);
         if (pdt == RP_F32 && !t->master) {
-            q8_update(n, (float *)t->param + s0, (float *)t->grad + s0, mb, vb, k, unscale);
+            adam_fp32(s0, n, tail_start, (float *)t->param + s0, (float *)t->grad + s0, mb, vb, NULL, k, 0, unscale);
         } else {
             for (int64_t o = 0; o < n; o += RP_BLOCK) {
                 const int64_t len = n - o < RP_BLOCK ? n - o : RP_BLOCK;
@@ -76,7 +73,7 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
                 else if (pdt == RP_F32) p = (float *)param;
                 else { load_block(pb, param, pdt, len); p = pb; }
                 if (pdt == RP_F32) g = (float *)grad; else { load_block(gb, grad, pdt, len); g = gb; }
-                q8_update(len, p, g, mb + o, vb + o, k, unscale);
+                adam_fp32(s0 + o, len, tail_start, p, g, mb + o, vb + o, NULL, k, 0, unscale);
                 /* the param rounded to nearest even from the master or the staged block */
                 if (pdt != RP_F32) store_block(param, pdt, p, len, RP_BF16_NAN_VEC);
                 if (unscale && pdt != RP_F32) store_block(grad, pdt, g, len, RP_BF16_NAN_VEC);
@@ -94,14 +91,18 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
 
 /* A tensor under min_8bit_size elements: fp32 moments, Adam's fp32 path with
    torch's tail (rp_staged_span stages 16-bit params and grads). */
+static int64_t q8_tail_start(const rp_tensor *t, int64_t torch_vec)
+{
+    return torch_vec > 1 ? t->numel - t->numel % torch_vec : t->numel;
+}
+
 static void q8_fp32_moments(const rp_tensor *t, int64_t first, int64_t n, float *p, float *g, float *const *s,
                             const void *ctx_)
 {
     const q8_ctx *ctx = ctx_;
     rp_consts k = ctx->group;
     consts_for_tensor(&k, t);
-    const int64_t tv = ctx->torch_vec;
-    const int64_t tail_start = tv > 1 ? t->numel - t->numel % tv : t->numel;
+    const int64_t tail_start = q8_tail_start(t, ctx->torch_vec);
     adam_fp32(first, n, tail_start, p, g, s[EXP_AVG], s[EXP_AVG_SQ], NULL, &k, 0, ctx->unscale);
 }
 
@@ -114,7 +115,7 @@ static void q8_chunk(const rp_tensor *t, int64_t begin, int64_t end, const void 
     }
     rp_consts k = ctx->group;
     consts_for_tensor(&k, t);
-    q8_span(t, begin, end, &k, ctx->block, ctx->unscale);
+    q8_span(t, begin, end, &k, ctx->block, ctx->unscale, q8_tail_start(t, ctx->torch_vec));
 }
 
 int rp_adam8bit_step(const rp_run_opts *run, const rp_adam8bit_hyper *h, rp_tensor *tensors, int64_t n_tensors,

@@ -1,4 +1,5 @@
-"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad and Lion.
+"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad and Lion;
+Adam8bit and AdamW8bit keep block-wise 8-bit moments.
 
 Each optimizer's C kernel is compiled for this host the first time that optimizer is built
 (once per host, then cached), or all of them by ``python -m roundpipe build``; see
@@ -9,6 +10,7 @@ from .. import _build
 from ._engine import FusedOptimizer, native_available
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adam8bit import Adam8bit, AdamW8bit
 from .lion import Lion
 from .sgd import SGD
 
@@ -17,4 +19,4 @@ from .sgd import SGD
 if _build._env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
     _build.load_kernel()
 
-__all__ = ["Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "SGD", "native_available"]
+__all__ = ["Adagrad", "Adam", "Adam8bit", "AdamW", "AdamW8bit", "FusedOptimizer", "Lion", "SGD", "native_available"]

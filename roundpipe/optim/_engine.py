@@ -10,6 +10,15 @@ An optimizer is a subclass of :class:`FusedOptimizer` that supplies its rule:
   and ``_C_STEP`` names the C entry point (one file per rule in ``roundpipe/_kernels``);
 * ``_fallback_step``: the same step with torch's own kernels, for hosts without a compiler.
 
+Rules whose state is not shaped like the param, or differs from param to param, add:
+
+* ``_param_state_keys``: the keys one param has, where params of a group differ (a subset of
+  ``_state_keys``, which then lists them all; rp_tensor.state follows the param's own order);
+* ``_state_shape``: each state tensor's shape (default: the param's);
+* ``_FIXED_STATE_DTYPES``: state keys whose dtype is the rule's whatever the param's (8-bit
+  codes in uint8, their scales in float32); a non-floating one comes back from a checkpoint
+  in its own dtype (torch's load_state_dict casts it to the param's).
+
 Everything else is written once, here: validation before anything is mutated, with
 errors that name the group and parameter; plans reused between steps and checked in
 C-level passes (every pointer the C code will touch: address, storage size, dtype);
@@ -59,7 +68,7 @@ def torch_dispatch_vec() -> int:
     (fused SGD and Adagrad): 16 floats where torch dispatches to AVX-512, else 8."""
     return 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}  # engine.h RP_F32 ...
 # Param dtypes the engine steps (complex64 as its float32 real view, where a rule allows it).
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 _REAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -127,10 +136,11 @@ def _local_ptr(t: Tensor) -> int:
     return _local(t).data_ptr()
 
 
-def _state_column(states: list[dict[str, Any]], key: str) -> list[Tensor]:
+def _state_column(states: list[dict[str, Any]], key: str, every: bool = True) -> list[Tensor]:
     """state[key] of every param, in C-level passes; masters only where there is one
-    (the fp32 params of a master_weights group have none)."""
-    if key == "master_param":
+    (the fp32 params of a master_weights group have none), and likewise any key that not
+    every param has (every=False: a rule with _param_state_keys)."""
+    if key == "master_param" or not every:
         return [t for t in map(operator.methodcaller("get", key), states) if t is not None]
     return list(map(operator.itemgetter(key), states))
 
@@ -175,6 +185,7 @@ class _GroupPlan:
         self.tensors: Any = None  # rp_tensor[] (native path)
         self.chunks: Any = None  # rp_chunk[]
         self.n_chunks = 0
+        self.state_every = True  # every param has every state key (False: a rule with _param_state_keys)
         self.hyper: Any = None  # the rule's hyperparameter struct (rp_adam_hyper *, ...)
         self.run_opts: Any = None  # rp_run_opts *
         self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
@@ -226,7 +237,7 @@ class _GroupPlan:
             return None
         try:
             for key, tensors, ptrs, nbytes in zip(self.state_keys, self.state_tensors, self.state_ptrs, self.state_bytes, strict=True):
-                current = _state_column(self.states, key)
+                current = _state_column(self.states, key, self.state_every)
                 if not all(map(operator.is_, current, tensors)):
                     return None  # a state tensor was replaced
                 if list(map(self.ptr_of, current)) != ptrs or (nbytes is not None and self.storage_bytes(current) != nbytes):
@@ -352,6 +363,17 @@ class FusedOptimizer(Optimizer):
     def _check_param(self, p: Tensor, group: dict[str, Any], where: str) -> None:
         """Raise for a param the rule's options do not allow (beyond _check_tensor's rules)."""
 
+    # State key -> its dtype whatever the param's (uint8 codes, float32 scales), see the module doc.
+    _FIXED_STATE_DTYPES: ClassVar[dict[str, torch.dtype]] = {}
+
+    def _param_state_keys(self, p: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state tensors of param p, in rp_tensor.state order (default: _state_keys(group))."""
+        return self._state_keys(group)
+
+    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
+        """The shape of state[key] for param p (default: the param's)."""
+        return tuple(p.shape)
+
     def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
         """State tensors beyond _state_keys that the C code reads by their own rp_tensor field."""
         return ()
@@ -384,9 +406,9 @@ class FusedOptimizer(Optimizer):
         master = bool(group.get("master_weights")) and p.dtype in _LOW_PRECISION
         base = torch.float32 if master else p.dtype
         dtypes = {}
-        for key in self._state_keys(group):
+        for key in self._param_state_keys(p, group):
             option = self._STATE_DTYPE_OPTIONS.get(key)
-            dtypes[key] = (group.get(option) if option else None) or base
+            dtypes[key] = self._FIXED_STATE_DTYPES.get(key) or (group.get(option) if option else None) or base
         return master, dtypes
 
     def _full_config(self, group: dict[str, Any]) -> tuple:
@@ -469,7 +491,10 @@ class FusedOptimizer(Optimizer):
                 _, dtypes = self._layout(group, p)
                 for key, dtype in {**dtypes, "master_param": torch.float32}.items():
                     value = saved.get(key)
-                    if isinstance(value, Tensor) and value.is_floating_point() and st[key].dtype != dtype:
+                    if not isinstance(value, Tensor) or key not in st or st[key].dtype == dtype:
+                        continue
+                    # torch casts every state tensor of a float param to its dtype, uint8 codes too
+                    if value.is_floating_point() or not dtype.is_floating_point:
                         st[key] = value.to(device=p.device, dtype=dtype, copy=True)
                 for key in self._extra_state(group):  # integer state (sr_seed): torch casts it to floats
                     value = saved.get(key)
@@ -632,11 +657,13 @@ class FusedOptimizer(Optimizer):
             if not isinstance(t, Tensor):
                 raise RuntimeError(f"roundpipe {who}: {where} has state[{name!r}] = {t!r}, not a tensor")
             lt = _local(t)
-            if (t.dtype != dtype or t.shape != p.shape or lt.shape != _local(p).shape or t.device.type != "cpu"
+            shape = tuple(p.shape) if name == "master_param" else self._state_shape(p, name)
+            local_shape = _local(p).shape if shape == tuple(p.shape) else shape
+            if (t.dtype != dtype or tuple(t.shape) != shape or lt.shape != local_shape or t.device.type != "cpu"
                     or not lt.is_contiguous()):
                 raise RuntimeError(
                     f"roundpipe {who}: {where} has state[{name!r}] of dtype {t.dtype}, shape {tuple(t.shape)} "
-                    f"on {t.device}; this group keeps it as a contiguous CPU {dtype} tensor of shape {tuple(p.shape)}"
+                    f"on {t.device}; this group keeps it as a contiguous CPU {dtype} tensor of shape {shape}"
                 )
             if lt.numel():
                 _check_allocated(lt, f"state[{name!r}]", where, who)
@@ -694,7 +721,8 @@ class FusedOptimizer(Optimizer):
         if group.get("master_weights") and any(p.dtype in _LOW_PRECISION for p in plan.params):
             keys.append("master_param")
         plan.state_keys = tuple(keys)
-        plan.state_tensors = [_state_column(plan.states, k) for k in keys]
+        plan.state_every = type(self)._param_state_keys is FusedOptimizer._param_state_keys
+        plan.state_tensors = [_state_column(plan.states, k, plan.state_every) for k in keys]
         plan.state_ptrs = [list(map(plan.ptr_of, ts)) for ts in plan.state_tensors]
         # A 0-dim step's storage cannot shrink in place and keep its address (resize_(0) makes it
         # NULL, which its address check sees): its size is not rechecked each step.
@@ -705,9 +733,9 @@ class FusedOptimizer(Optimizer):
         kernel = cast(Any, self._kernel)  # called only when the kernel loaded
         ffi, lib = kernel.ffi, kernel.lib
         n = len(plan.params)
-        keys = self._state_keys(plan.group)
         tensors = ffi.new("rp_tensor[]", max(n, 1))
         for i, (p, g, st) in enumerate(zip(plan.params, plan.grads, plan.states, strict=True)):
+            keys = self._param_state_keys(p, plan.group)
             views = [_local(x) for x in (p, g, *(st[k] for k in keys))]
             views = [torch.view_as_real(x) if x.is_complex() else x for x in views]
             # plan.params, plan.grads and plan.state_tensors hold the tensors behind
