@@ -67,7 +67,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.is_complex():
         t = torch.view_as_real(t)
-    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+    return t.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
 
 
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:

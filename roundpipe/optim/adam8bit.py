@@ -323,8 +323,9 @@ class Adam8bit(FusedOptimizer):
         """This optimizer's ``state_dict`` with fp32 ``exp_avg`` and ``exp_avg_sq`` in place of
         the codes (decoded, as the next step would see them) and without this class's own
         group options: a checkpoint that ``torch.optim.Adam`` (``AdamW`` for
-        :class:`AdamW8bit`) resumes. Master copies stay under ``master_param``, which
-        torch ignores."""
+        :class:`AdamW8bit`) resumes, with ``fused=True`` where the group left it unset:
+        torch's fused step on those moments is exactly the step this optimizer would take
+        next. Master copies stay under ``master_param``, which torch ignores."""
         sd = self.state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         ids = [i for g in sd["param_groups"] for i in g["params"]]
@@ -340,6 +341,9 @@ class Adam8bit(FusedOptimizer):
                     st[name] = decode(st.pop(f"{name}_code"), st.pop(f"{name}_absmax"), block_of[pid], sq).view(p.shape)
             state[pid] = st
         groups = [{k: v for k, v in g.items() if k not in ("block_size", "min_8bit_size")} for g in sd["param_groups"]]
+        for g in groups:  # torch's fused kernel: the step ours reproduces bit for bit on fp32 moments
+            if g.get("fused") is None and not g.get("foreach"):
+                g["fused"] = True
         return {"state": state, "param_groups": groups}
 
     # ---- the torch fallback -----------------------------------------------------------
