@@ -39,9 +39,42 @@ typedef struct {
 } q8_ctx;
 
 
-/* Elements [b, e) of an 8-bit tensor, b a multiple of the block size. The
-   param and grad are read in place when fp32 (the master copy stands in for a
-   16-bit param), else staged through fp32 blocks of RP_BLOCK elements. */
+static inline void q8_decode_stage(float *mb, float *vb, const rp_tensor *t, int64_t s0, int64_t n, int64_t block)
+{
+    const uint8_t *mc = t->state[M_CODE], *vc = t->state[V_CODE];
+    const uint32_t *ma = t->state[M_ABSMAX], *va = t->state[V_ABSMAX]; /* read as bits */
+    for (int64_t o = 0; o < n; o += block) {
+        const int64_t len = n - o < block ? n - o : block, blk = (s0 + o) / block;
+        const rp_q8_block qm = rp_q8_block_of(ma[blk] & 0x7FFFFFFFu, 1.0f, 1.0f);
+        const rp_q8_block qv = rp_q8_block_of(va[blk] & 0x7FFFFFFFu, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
+        rp_q8_decode(mb + o, mc + s0 + o, len, &qm, 0);
+        rp_q8_decode(vb + o, vc + s0 + o, len, &qv, 1);
+    }
+}
+
+static inline void q8_encode_stage(const float *mb, const float *vb, const rp_tensor *t, int64_t s0, int64_t n,
+                                   int64_t block)
+{
+    uint8_t *mc = t->state[M_CODE], *vc = t->state[V_CODE];
+    float *ma = t->state[M_ABSMAX], *va = t->state[V_ABSMAX];
+    for (int64_t o = 0; o < n; o += block) {
+        const int64_t len = n - o < block ? n - o : block, blk = (s0 + o) / block;
+        const uint32_t am = rp_q8_absmax_bits(mb + o, len), av = rp_q8_absmax_bits(vb + o, len);
+        const rp_q8_block qm = rp_q8_block_of(am, 1.0f, 1.0f);
+        const rp_q8_block qv = rp_q8_block_of(av, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
+        rp_q8_encode(mc + s0 + o, mb + o, len, &qm, 0);
+        rp_q8_encode(vc + s0 + o, vb + o, len, &qv, 1);
+        ma[blk] = float_from_bits(am);
+        va[blk] = float_from_bits(av);
+    }
+}
+
+/* Elements [b, e) of an 8-bit tensor, b a multiple of the block size, in
+   stages of whole blocks (Q8_STAGE elements, or one block if larger): decode
+   the stage's moments into fp32 arrays on the stack, Adam's update over the
+   stage, then each block's absmax and codes. The param and grad are read in
+   place when fp32 (the master copy stands in for a 16-bit param), else staged
+   through fp32 blocks of RP_BLOCK elements. */
 static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k, int64_t block, int unscale,
                     int64_t tail_start)
 {
@@ -51,17 +84,10 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
     float gb[RP_BLOCK] __attribute__((aligned(64)));
     const int pdt = t->param_dtype;
     const size_t psz = pdt == RP_F32 ? 4 : 2;
-    uint8_t *mc = t->state[M_CODE], *vc = t->state[V_CODE];
-    float *ma = t->state[M_ABSMAX], *va = t->state[V_ABSMAX];
-    for (int64_t s0 = b; s0 < e; s0 += block) {
-        const int64_t n = e - s0 < block ? e - s0 : block, blk = s0 / block;
-        uint32_t bits;
-        memcpy(&bits, &ma[blk], 4);
-        rp_q8_block qm = rp_q8_block_of(bits & 0x7FFFFFFFu, 1.0f, 1.0f);
-        memcpy(&bits, &va[blk], 4);
-        rp_q8_block qv = rp_q8_block_of(bits & 0x7FFFFFFFu, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
-        rp_q8_decode(mb, mc + s0, n, &qm, 0);
-        rp_q8_decode(vb, vc + s0, n, &qv, 1);
+    const int64_t stage = block;
+    for (int64_t s0 = b; s0 < e; s0 += stage) {
+        const int64_t n = e - s0 < stage ? e - s0 : stage;
+        q8_decode_stage(mb, vb, t, s0, n, block);
         if (pdt == RP_F32 && !t->master) {
             adam_fp32(s0, n, tail_start, (float *)t->param + s0, (float *)t->grad + s0, mb, vb, NULL, k, 0, unscale);
         } else {
@@ -79,13 +105,7 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
                 if (unscale && pdt != RP_F32) store_block(grad, pdt, g, len, RP_BF16_NAN_VEC);
             }
         }
-        const uint32_t am = rp_q8_absmax_bits(mb, n), av = rp_q8_absmax_bits(vb, n);
-        qm = rp_q8_block_of(am, 1.0f, 1.0f);
-        qv = rp_q8_block_of(av, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
-        rp_q8_encode(mc + s0, mb, n, &qm, 0);
-        rp_q8_encode(vc + s0, vb, n, &qv, 1);
-        ma[blk] = float_from_bits(am);
-        va[blk] = float_from_bits(av);
+        q8_encode_stage(mb, vb, t, s0, n, block);
     }
 }
 
