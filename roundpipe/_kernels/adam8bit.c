@@ -39,42 +39,15 @@ typedef struct {
 } q8_ctx;
 
 
-static inline void q8_decode_stage(float *mb, float *vb, const rp_tensor *t, int64_t s0, int64_t n, int64_t block)
-{
-    const uint8_t *mc = t->state[M_CODE], *vc = t->state[V_CODE];
-    const uint32_t *ma = t->state[M_ABSMAX], *va = t->state[V_ABSMAX]; /* read as bits */
-    for (int64_t o = 0; o < n; o += block) {
-        const int64_t len = n - o < block ? n - o : block, blk = (s0 + o) / block;
-        const rp_q8_block qm = rp_q8_block_of(ma[blk] & 0x7FFFFFFFu, 1.0f, 1.0f);
-        const rp_q8_block qv = rp_q8_block_of(va[blk] & 0x7FFFFFFFu, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
-        rp_q8_decode(mb + o, mc + s0 + o, len, &qm, 0);
-        rp_q8_decode(vb + o, vc + s0 + o, len, &qv, 1);
-    }
-}
-
-static inline void q8_encode_stage(const float *mb, const float *vb, const rp_tensor *t, int64_t s0, int64_t n,
-                                   int64_t block)
-{
-    uint8_t *mc = t->state[M_CODE], *vc = t->state[V_CODE];
-    float *ma = t->state[M_ABSMAX], *va = t->state[V_ABSMAX];
-    for (int64_t o = 0; o < n; o += block) {
-        const int64_t len = n - o < block ? n - o : block, blk = (s0 + o) / block;
-        const uint32_t am = rp_q8_absmax_bits(mb + o, len), av = rp_q8_absmax_bits(vb + o, len);
-        const rp_q8_block qm = rp_q8_block_of(am, 1.0f, 1.0f);
-        const rp_q8_block qv = rp_q8_block_of(av, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
-        rp_q8_encode(mc + s0 + o, mb + o, len, &qm, 0);
-        rp_q8_encode(vc + s0 + o, vb + o, len, &qv, 1);
-        ma[blk] = float_from_bits(am);
-        va[blk] = float_from_bits(av);
-    }
-}
-
-/* Elements [b, e) of an 8-bit tensor, b a multiple of the block size, in
-   stages of whole blocks (Q8_STAGE elements, or one block if larger): decode
-   the stage's moments into fp32 arrays on the stack, Adam's update over the
-   stage, then each block's absmax and codes. The param and grad are read in
-   place when fp32 (the master copy stands in for a 16-bit param), else staged
-   through fp32 blocks of RP_BLOCK elements. */
+/* Elements [b, e) of an 8-bit tensor, b a multiple of the block size, one block
+   at a time: decode its moments into fp32 arrays on the stack, Adam's update,
+   then its absmax and codes. The param and grad are read in place when fp32
+   (the master copy stands in for a 16-bit param), else staged through fp32
+   blocks of RP_BLOCK elements. Measured slower (CPU time, one thread, 16 M
+   elements): stages of several blocks (4096 or 16384 elements, so that each
+   loop streams longer; 1.5-2x), software prefetch of the next blocks, and one
+   loop that decodes 16 elements into registers, updates them and takes their
+   absmax on the way (7.5 ms against 7.0). */
 static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k, int64_t block, int unscale,
                     int64_t tail_start)
 {
@@ -84,12 +57,20 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
     float gb[RP_BLOCK] __attribute__((aligned(64)));
     const int pdt = t->param_dtype;
     const size_t psz = pdt == RP_F32 ? 4 : 2;
-    const int64_t stage = block;
-    for (int64_t s0 = b; s0 < e; s0 += stage) {
-        const int64_t n = e - s0 < stage ? e - s0 : stage;
-        q8_decode_stage(mb, vb, t, s0, n, block);
+    uint8_t *mc = t->state[M_CODE], *vc = t->state[V_CODE];
+    float *ma = t->state[M_ABSMAX], *va = t->state[V_ABSMAX];
+    for (int64_t s0 = b; s0 < e; s0 += block) {
+        const int64_t n = e - s0 < block ? e - s0 : block, blk = s0 / block;
+        uint32_t bits;
+        memcpy(&bits, &ma[blk], 4);
+        rp_q8_block qm = rp_q8_block_of(bits & 0x7FFFFFFFu, 1.0f, 1.0f);
+        memcpy(&bits, &va[blk], 4);
+        rp_q8_block qv = rp_q8_block_of(bits & 0x7FFFFFFFu, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
+        rp_q8_decode(mb, mc + s0, n, &qm, 0);
+        rp_q8_decode(vb, vc + s0, n, &qv, 1);
         if (pdt == RP_F32 && !t->master) {
-            adam_fp32(s0, n, tail_start, (float *)t->param + s0, (float *)t->grad + s0, mb, vb, NULL, k, 0, unscale);
+            adam_fp32(s0, n, tail_start, (float *)t->param + s0, (float *)t->grad + s0, mb, vb, NULL, k, 0,
+                      unscale);
         } else {
             for (int64_t o = 0; o < n; o += RP_BLOCK) {
                 const int64_t len = n - o < RP_BLOCK ? n - o : RP_BLOCK;
@@ -105,7 +86,13 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
                 if (unscale && pdt != RP_F32) store_block(grad, pdt, g, len, RP_BF16_NAN_VEC);
             }
         }
-        q8_encode_stage(mb, vb, t, s0, n, block);
+        const uint32_t am = rp_q8_absmax_bits(mb, n), av = rp_q8_absmax_bits(vb, n);
+        qm = rp_q8_block_of(am, 1.0f, 1.0f);
+        qv = rp_q8_block_of(av, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
+        rp_q8_encode(mc + s0, mb, n, &qm, 0);
+        rp_q8_encode(vc + s0, vb, n, &qv, 1);
+        ma[blk] = float_from_bits(am);
+        va[blk] = float_from_bits(av);
     }
 }
 

@@ -144,6 +144,18 @@ static inline float rp_q8_decode_unsigned1(uint8_t c, const rp_q8_block *b)
 
 /* ---- a block --------------------------------------------------------------- */
 
+#ifdef RP_Q8_AVX512
+/* 16 codes decoded, for a block whose post is 1: fp16(h) * s. */
+static inline __attribute__((always_inline)) __m512 rp_q8_decode16(const uint8_t *c, __m512 s, const int sq)
+{
+    __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)c));
+    /* signed: (c + (c & 0x80)) << 7 moves the sign bit to bit 15 and the
+       magnitude to bits 13..7: (c & 0x80) << 8 | (c & 0x7F) << 7 */
+    if (!sq) w = _mm256_add_epi16(w, _mm256_and_si256(w, _mm256_set1_epi16(0x80)));
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_slli_epi16(w, 7)), s);
+}
+#endif
+
 /* x[0..n) decoded from codes c; sq: exp_avg_sq's unsigned code, else exp_avg's. */
 static inline void rp_q8_decode(float *restrict x, const uint8_t *restrict c, int64_t n,
                                 const rp_q8_block *b, const int sq)
@@ -151,17 +163,8 @@ static inline void rp_q8_decode(float *restrict x, const uint8_t *restrict c, in
     int64_t i = 0;
 #ifdef RP_Q8_AVX512
     const __m512 s = _mm512_set1_ps(b->s);
-    const __m256i sign = _mm256_set1_epi16(0x80);
-    if (b->post == 1.0f) {
-        for (; i + 16 <= n; i += 16) {
-            __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + i)));
-            /* signed: (c + (c & 0x80)) << 7 moves the sign bit to bit 15 and the
-               magnitude to bits 13..7: (c & 0x80) << 8 | (c & 0x7F) << 7 */
-            if (!sq) w = _mm256_add_epi16(w, _mm256_and_si256(w, sign));
-            const __m256i h = _mm256_slli_epi16(w, 7);
-            _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_cvtph_ps(h), s));
-        }
-    }
+    if (b->post == 1.0f)
+        for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, rp_q8_decode16(c + i, s, sq));
 #endif
     for (; i < n; i++) x[i] = sq ? rp_q8_decode_unsigned1(c[i], b) : rp_q8_decode_signed1(c[i], b);
 }
