@@ -119,7 +119,7 @@ def new_meta(args: Any, argv: list[str] | None, threads: list[int], peers: C.Pee
         "kernel_artefact": getattr(_build.INFO, "artefact", None),
         "chunk_elems": rp_engine.CHUNK_ELEMS,
         "serial_below": rp_engine.SERIAL_BELOW,
-        "deepspeed": ("available" if peers.status(adam_ds.label) == "available"
+        "deepspeed": (peers.status(adam_ds.label) if peers.status(adam_ds.label).startswith(("available", "not "))
                       else f"skipped: {peers.status(adam_ds.label)}"),
         "peers": {p.label: peers.status(p.label) for s in selected if s.key != "adam" for p in s.peers},
         "optimizers": {s.key: ("available" if C.available(s) else C.not_available_note(s)) for s in selected},
@@ -318,7 +318,7 @@ def summary_rows(results: list[Result]) -> list[dict[str, Any]]:
                                "threads": res.threads, "numel": res.numel,
                                "roundpipe_ms": rp["median_s"] * 1e3 if rp else None,
                                "x_roof": rp["frac_roofline"] if rp else None,
-                               "speedup": {}, "missing": dict(res.missing)}
+                               "speedup": {}, "missing": dict(res.missing), "foreign_load": res.foreign_load}
         for name in res.rows:
             if name not in ("roundpipe", "roofline-probe"):
                 row["speedup"][name] = ratio(res, "roundpipe", name)
@@ -354,3 +354,11 @@ def print_summary(rows: list[dict[str, Any]], out: Any) -> None:
         print(f"{lead} {r['roundpipe_ms']:>8.2f} {roof:>6} " + " ".join(cells) + "  " + "; ".join(others), file=out)
     print("   -: torch has no such implementation of the rule; n/a: it did not run here (see the table above)",
           file=out)
+    busy = max((r["foreign_load"] or 0.0 for r in rows), default=0.0)
+    if busy > NOISY_LOAD:
+        print(f"   WARNING: other processes used up to {busy:.0%} of the CPUs while these ran: the speed-ups are "
+              "noisy. Rerun on an idle machine, or with --max-foreign 0.1 (rounds disturbed by others are "
+              "timed again).", file=out)
+
+
+NOISY_LOAD = 0.25  # other processes' share of the CPUs above which the summary warns
