@@ -99,7 +99,9 @@ class Progress:
         i = min(self.task, len(self.costs))
         done = sum(self.costs[:i]) + (self.costs[i] * self.fraction if i < len(self.costs) else 0.0)
         left = sum(self.costs[i:]) - (self.costs[i] * self.fraction if i < len(self.costs) else 0.0)
-        if done <= 0 or self.elapsed() < 1.0:
+        if done <= 0:
+            return None  # "estimating": nothing measured yet to scale the plan's guess by
+        if self.elapsed() < 1.0:
             return left  # the plan's own guess until the run has shown its pace
         return left * self.elapsed() / done
 
