@@ -212,6 +212,15 @@ def run(args: argparse.Namespace, specs: list[C.OptimizerSpec], keys: list[str],
     from . import report, tuning
     from .timing import POLICY, ForeignLoad, Result, wait_idle
 
+    import time
+
+    import roundpipe.optim._engine as rp_engine
+
+    t0 = time.monotonic()
+    rp_engine.native_available()  # every rule's kernel: a cold cache compiles them now, not in the first table
+    if time.monotonic() - t0 > 2.0:
+        progress.log(f"compiled roundpipe's kernels for this CPU in {time.monotonic() - t0:.0f} s "
+                     "(once per host: they are cached)")
     POLICY.max_foreign, POLICY.retry_budget_s = args.max_foreign, args.retry_budget
     POLICY.discarded = POLICY.kept_disturbed = 0
     shapes = workloads.Shapes(args)
