@@ -72,7 +72,8 @@ def test_stochastic_rounding_switched_on_over_existing_state_seeds_it_from_torch
     opt.step()  # round to nearest: Adam state without a seed
     opt.param_groups[0]["bf16_stochastic_round"] = True
     # a bad second group: refused before anything (the first group's seed included) is created
-    opt.add_param_group({"params": [q], "eps": None})
+    opt.add_param_group({"params": [q]})
+    opt.param_groups[1]["eps"] = None
     q.grad = torch.randn(64).bfloat16()
     with pytest.raises(TypeError, match=r"eps.*param group 1"):
         opt.step()
@@ -206,12 +207,14 @@ RULES = [
 ]
 
 
-def _grads(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def _grads(kind: str, shape: tuple[int, int], gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     if kind == "broadcast":
-        return torch.randn(1, generator=gen).expand(shape)
+        return (torch.randn(1, generator=gen) * scale).expand(shape)  # stride 0: one element in memory
     if kind == "transposed":
-        return torch.randn(tuple(reversed(shape)), generator=gen).t()
-    return torch.randn(shape[0], 2 * shape[1], generator=gen)[:, ::2]  # strided
+        return (torch.randn(shape[1], shape[0], generator=gen) * scale).t()
+    g = (torch.randn(shape[0], 2 * shape[1], generator=gen) * scale)[:, ::2]  # strided
+    assert not g.is_contiguous()
+    return g
 
 
 @pytest.mark.parametrize(("rp_cls", "kw"), RULES)
@@ -252,7 +255,7 @@ def test_non_contiguous_grads_with_a_grad_scale(rp_cls, kw):
         init = torch.randn(shape, generator=gen)
         a, b = init.clone().requires_grad_(), init.clone().requires_grad_()
         ref, opt = rp_cls([a], **kw), rp_cls([b], **kw)
-        g = _grads(kind, shape, gen) * 1024
+        g = _grads(kind, shape, gen, 1024.0)
         kept = g.clone()
         a.grad, b.grad = g.contiguous(), g
         for o in (ref, opt):

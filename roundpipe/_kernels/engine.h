@@ -22,7 +22,10 @@ typedef struct {
     int32_t param_dtype;
     int32_t state_dtype[3];
     const int64_t *seed;    /* the `sr_seed` state tensor with stochastic rounding, or NULL */
-    uint64_t sr_key;        /* this step's key for the random bits, from seed and step     */
+    int64_t *sr_step;       /* its `sr_step` state tensor: the steps taken with stochastic
+                               rounding, counted by the C code (unlike the float32 `step`,
+                               which stops counting at 2^24), with seed, or NULL            */
+    uint64_t sr_key;        /* this step's key for the random bits, from seed and sr_step  */
     int32_t fresh;          /* 1 on the first step of state the engine just created       */
     int32_t reserved;
     /* Per-tensor scalars, written by the rule's entry point once per step,

@@ -179,6 +179,8 @@ class _GroupPlan:
         self.run_opts: Any = None  # rp_run_opts *
         self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
         self.fresh: list[bool] = []  # per slot: its state was created for this plan's first step
+        # slot -> (the param's non-contiguous grad, the contiguous copy the kernel reads this step)
+        self.copied_grads: dict[int, tuple[Tensor, Tensor]] = {}
         self.built = False  # state created and C arrays filled (on the first run)
         self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
         self.storage_of: Callable[[Tensor], Any] = Tensor.untyped_storage  # of the local shard for DTensors
@@ -296,6 +298,11 @@ class FusedOptimizer(Optimizer):
     _BOOL_OPTIONS: ClassVar[tuple[str, ...]] = ("maximize", "capturable", "differentiable")
     # State key -> the group option that sets its dtype (torch.float32 / torch.bfloat16 / None).
     _STATE_DTYPE_OPTIONS: ClassVar[dict[str, str]] = {}
+    # State keys whose first step writes them without reading them (SGD's momentum_buffer, which
+    # takes the grad; rp_tensor.fresh). A param whose state lacks one steps as on its first step
+    # (momentum turned on mid-training), and a step GradScaler skips creates no state at all:
+    # a buffer no step has written would be read as momentum after a checkpoint or a plan rebuild.
+    _FIRST_STEP_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_group(defaults, "")
@@ -355,6 +362,11 @@ class FusedOptimizer(Optimizer):
     def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
         """State tensors beyond _state_keys that the C code reads by their own rp_tensor field."""
         return ()
+
+    def _new_extra_state(self, key: str, p: Tensor, state: dict[str, Any]) -> Tensor:
+        """State[key] for an _extra_state key that p's state lacks (new state, or an option turned
+        on over existing state); state holds everything else, its ``step`` a float32 tensor."""
+        raise NotImplementedError
 
     def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
         """Set the rule's own rp_tensor fields for param p (besides pointers, dtypes, step)."""
@@ -554,15 +566,19 @@ class FusedOptimizer(Optimizer):
             _check_no_overlap(plans, self.state, self._NAME)
         # State for params stepped for the first time, and the C arrays, for every group
         # before any group steps. A step that GradScaler skips creates the state too,
-        # as torch's does.
-        for plan in plans:
-            if plan.params and not plan.built:
-                self._build(plan)
-        if found_inf is not None and found_inf.item() != 0.0:
+        # as torch's does, except state that only a real step can initialize (_FIRST_STEP_KEYS).
+        skipped = found_inf is not None and found_inf.item() != 0.0
+        if not (skipped and self._FIRST_STEP_KEYS):
+            for plan in plans:
+                if plan.params and not plan.built:
+                    self._build(plan)
+        if skipped:
             return loss
         for plan in plans:
             if plan.params:
                 self._run(plan, grad_scale, found_inf)
+                if grad_scale is not None and plan.copied_grads:
+                    _write_back_unscaled(plan)
         return loss
 
     def _plan(self, gi: int, group: dict[str, Any]) -> _GroupPlan:
@@ -576,11 +592,15 @@ class FusedOptimizer(Optimizer):
         if plan is not None and plan.group is group and plan.config == config:
             changed = plan.grads_changed(group["params"], all_grads, self.state)
             if changed is not None:
+                if changed:
+                    plan.copied_grads = {}  # every copied slot's grad is 'changed': copied again below
                 if changed and not plan.layouts_match():  # the full check, where it is needed
                     for slot in plan.changed_slots():
                         i = plan.group_index[slot]
                         _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}",
                                       self._NAME, self._PARAM_DTYPES)
+                        if _needs_copy(all_grads[i]):
+                            _copy_pending_grad(plan, slot)
                 plan.all_grads = all_grads
                 return plan
         # Full check of every tensor and its state; state for new params and the
@@ -604,6 +624,10 @@ class FusedOptimizer(Optimizer):
                 self._check_state(p, st, layout, at, self._extra_state(group))
             plan.group_index.append(i)
             plan.params.append(p)
+            if _needs_copy(g):
+                work = g.contiguous()
+                plan.copied_grads[len(plan.grads)] = (g, work)
+                g = work
             plan.grads.append(g)
         self._plans[gi] = plan
         return plan
@@ -626,6 +650,8 @@ class FusedOptimizer(Optimizer):
             expected["master_param"] = torch.float32
         for name, dtype in expected.items():
             t = st.get(name)
+            if t is None and name in self._FIRST_STEP_KEYS:
+                continue  # created by this step, which is then its first (as torch's SGD does)
             if t is None:
                 raise RuntimeError(f"roundpipe {who}: {where} has no state[{name!r}] "
                                    "(was an option such as amsgrad or momentum turned on mid-training?)")
@@ -666,12 +692,14 @@ class FusedOptimizer(Optimizer):
         """Create state for params stepped for the first time (torch's layout plus master copies)."""
         group = plan.group
         plan.fresh = []
+        extra = self._extra_state(group)
         for p, g in zip(plan.params, plan.grads, strict=True):
             state = self.state[p]
             master, dtypes = self._layout(group, p)
-            fresh = not state
+            fresh = not state or any(k not in state for k in self._FIRST_STEP_KEYS if k in dtypes)
             if fresh:
-                state.update(self._new_state(p, g, group, dtypes))
+                for key, value in self._new_state(p, g, group, dtypes).items():
+                    state.setdefault(key, value)
             plan.fresh.append(fresh)
             if master and "master_param" not in state:
                 state["master_param"] = p.detach().to(torch.float32, copy=True)
@@ -680,6 +708,9 @@ class FusedOptimizer(Optimizer):
                 if not (type(step) is Tensor and step.dtype == torch.float32 and step.dim() == 0
                         and step.device.type == "cpu"):
                     state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
+            for key in extra:  # missing where an option was turned on over existing state
+                if key not in state:
+                    state[key] = self._new_extra_state(key, p, state)
         plan.states = [self.state[p] for p in plan.params]
         plan.param_dtypes = [p.dtype for p in plan.params]
         plan.has_complex = any(map(Tensor.is_complex, plan.params))
@@ -869,8 +900,49 @@ def _check_tensor(p: Tensor, g: Tensor, where: str, who: str = "Adam",
             )
     if not lp.is_contiguous():
         raise ValueError(f"roundpipe {who}: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
-    if not lg.is_contiguous():
+    if not lg.is_contiguous() and not _needs_copy(g):  # a DTensor's: plain grads are copied (_needs_copy)
         raise ValueError(f"roundpipe {who}: {where} has a non-contiguous grad; make it contiguous before step()")
+
+
+def _needs_copy(g: Tensor) -> bool:
+    """A grad the kernel reads through a contiguous copy: a plain tensor that is not contiguous
+    (a broadcast grad, ``expand``'s stride 0, or a transposed or sliced one), stepped as the values
+    it holds, as torch's default step does. The copy is made per step, where the plan checks grads."""
+    return type(g) in (Tensor, torch.nn.Parameter) and not g.is_contiguous()
+
+
+def _copy_pending_grad(plan: _GroupPlan, slot: int) -> None:
+    """Point slot's pending grad at a contiguous copy of the param's grad (see _needs_copy)."""
+    grads = cast(list[Tensor], plan.pending_grads)
+    g = grads[slot]
+    work = g.contiguous()
+    plan.copied_grads[slot] = (g, work)
+    grads[slot] = work
+    plan.pending_grad_sig[0][slot] = plan.ptr_of(work)
+    plan.pending_grad_sig[1][slot] = work.stride()
+    plan.pending_grad_bytes[slot] = plan.storage_bytes([work])[0]
+
+
+def _has_own_memory(t: Tensor) -> bool:
+    """True when no two elements of t share memory: sorted by stride, each dimension steps past
+    everything the smaller strides span (a broadcast grad's stride 0 does not)."""
+    extent = 0
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride(), strict=True) if n > 1),
+                               key=operator.itemgetter(1)):
+        if stride <= extent:
+            return False
+        extent += (size - 1) * stride
+    return True
+
+
+def _write_back_unscaled(plan: _GroupPlan) -> None:
+    """After a step with GradScaler's scale, copy each unscaled grad copy back into the param's grad,
+    as the kernels unscale contiguous grads in place (torch's fused kernels do the same for strided
+    grads). A broadcast grad, whose elements share memory, has no place for each value: it is left
+    scaled, as it was."""
+    for g, work in plan.copied_grads.values():
+        if _has_own_memory(g):
+            g.copy_(work)
 
 
 def _check_allocated(t: Tensor, what: str, where: str, who: str = "Adam") -> None:
@@ -880,7 +952,9 @@ def _check_allocated(t: Tensor, what: str, where: str, who: str = "Adam") -> Non
         ptr = t.data_ptr()
     except RuntimeError:
         nbytes, ptr = 0, 0
-    need = (t.storage_offset() + t.numel()) * t.element_size()
+    # the last element's offset + 1: a broadcast (stride 0) tensor needs less than numel elements
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+    need = (t.storage_offset() + extent) * t.element_size()
     if ptr == 0 or nbytes < need:
         raise RuntimeError(
             f"roundpipe {who}: {where}: the {what}'s data is not allocated (its storage holds {nbytes} "
@@ -976,6 +1050,8 @@ def fp32_working_set(plan: _GroupPlan, keys: tuple[str, ...], unscale: bool
     use_master = bool(plan.group.get("master_weights"))
 
     def fp32(t: Tensor, write_back: bool = True) -> Tensor:
+        if t.is_complex():  # complex64: its float32 real view, in place
+            return torch.view_as_real(t)
         if t.dtype == torch.float32:
             return t
         work = t.float()

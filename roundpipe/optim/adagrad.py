@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_lr, fp32_working_set, torch_dispatch_vec
+from ._engine import (
+    _PARAM_DTYPES,
+    FusedOptimizer,
+    _GroupPlan,
+    _scalar,
+    check_lr,
+    check_number,
+    fp32_working_set,
+    torch_dispatch_vec,
+)
 
 __all__ = ["Adagrad"]
 
@@ -57,6 +66,7 @@ class Adagrad(FusedOptimizer):
     }
     _TORCH_VEC = torch_dispatch_vec()  # torch registers this kernel for AVX-512: 16 lanes there
     _BOOL_OPTIONS = ("maximize", "differentiable")
+    _PARAM_DTYPES = _PARAM_DTYPES  # complex64 too, stepped as its real view, as torch's default does
 
     def __init__(
         self,
@@ -86,19 +96,24 @@ class Adagrad(FusedOptimizer):
                     self.state[p].update(self._new_state(p, p, group, self._layout(group, p)[1]))
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
+        check_number(group, "lr", where, tensor_ok=True)
         check_lr(group["lr"], where)
         for name, what in (("lr_decay", "lr_decay value"), ("weight_decay", "weight_decay value"),
                            ("initial_accumulator_value", "initial_accumulator_value value"), ("eps", "epsilon value")):
-            if not 0.0 <= group[name]:
-                raise ValueError(f"Invalid {what}: {group[name]}{where}")
+            value = check_number(group, name, where)
+            if not 0.0 <= value:
+                raise ValueError(f"Invalid {what}: {value}{where}")
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
 
     def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+        # torch fills the sum with the constructor's value (defaults), not the group's, and a
+        # complex param's with complex(value, value)
+        value = self.defaults["initial_accumulator_value"]
         return {
             "step": torch.zeros((), dtype=torch.float32),
-            "sum": torch.full_like(p, group["initial_accumulator_value"], dtype=dtypes["sum"],
+            "sum": torch.full_like(p, complex(value, value) if p.is_complex() else value, dtype=dtypes["sum"],
                                    memory_format=torch.contiguous_format),
         }
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, fp32_working_set
+from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_number, fp32_working_set
 
 __all__ = ["Lion"]
 
@@ -72,20 +72,29 @@ class Lion(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
             "master_weights": master_weights,
         }
+        if not 0.0 < check_number(defaults, "lr", "", tensor_ok=True):  # lion-pytorch's constructor check
+            raise ValueError(f"Invalid learning rate: {lr}; Lion needs lr > 0")
         super().__init__(params, defaults)
-        self._init_lr = lr  # lion-pytorch divides a decoupled decay by the constructor's lr
+
+    @property
+    def _init_lr(self) -> float:
+        """The constructor's lr, by which lion-pytorch divides a decoupled decay. Read from
+        ``defaults``, which copies and pickles keep (torch's __getstate__ keeps nothing else)."""
+        return _scalar(self.defaults["lr"])
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        if not 0.0 < group["lr"]:
-            raise ValueError(f"Invalid learning rate: {group['lr']}{where}; Lion needs lr > 0")
+        lr = check_number(group, "lr", where, tensor_ok=True)
+        if not 0.0 <= lr:  # a step at 0 is allowed (a warmup from 0), as in lion-pytorch
+            raise ValueError(f"Invalid learning rate: {lr}{where}")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2){where}, got {betas!r}")
         for i, beta in enumerate(betas):
-            if not 0.0 <= beta <= 1.0:
+            if not 0.0 <= check_number({f"betas[{i}]": beta}, f"betas[{i}]", where) <= 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}{where}")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}{where}")
+        weight_decay = check_number(group, "weight_decay", where)
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg",)

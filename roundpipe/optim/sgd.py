@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_lr, fp32_working_set, torch_dispatch_vec
+from ._engine import (
+    _PARAM_DTYPES,
+    FusedOptimizer,
+    _GroupPlan,
+    _scalar,
+    check_lr,
+    check_number,
+    fp32_working_set,
+    torch_dispatch_vec,
+)
 
 __all__ = ["SGD"]
 
@@ -58,6 +67,8 @@ class SGD(FusedOptimizer):
     }
     _TORCH_VEC = torch_dispatch_vec()  # torch registers this kernel for AVX-512: 16 lanes there
     _BOOL_OPTIONS = ("nesterov", "maximize", "differentiable")
+    _PARAM_DTYPES = _PARAM_DTYPES  # complex64 too, stepped as its real view, as torch's default does
+    _FIRST_STEP_KEYS = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -82,12 +93,16 @@ class SGD(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
+        check_number(group, "lr", where, tensor_ok=True)
         check_lr(group["lr"], where)
-        if not 0.0 <= group["momentum"]:
-            raise ValueError(f"Invalid momentum value: {group['momentum']}{where}")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}{where}")
-        if group["nesterov"] is True and (group["momentum"] <= 0 or group["dampening"] != 0):
+        momentum = check_number(group, "momentum", where)
+        dampening = check_number(group, "dampening", where)  # any value, as in torch
+        weight_decay = check_number(group, "weight_decay", where)
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}{where}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
+        if group["nesterov"] is True and (momentum <= 0 or dampening != 0):
             raise ValueError(f"Nesterov momentum requires a momentum and zero dampening{where}")
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -98,8 +113,9 @@ class SGD(FusedOptimizer):
 
     def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
         # torch's first step copies the grad into a new buffer: the kernel does that
-        # (rp_tensor.fresh), so the buffer starts empty.
-        return {k: torch.empty_like(p, dtype=d, memory_format=torch.contiguous_format) for k, d in dtypes.items()}
+        # (rp_tensor.fresh, _FIRST_STEP_KEYS). Zeros, not torch.empty: no state ever holds
+        # uninitialized memory, even for the instant before the step that writes it.
+        return {k: torch.zeros_like(p, dtype=d, memory_format=torch.contiguous_format) for k, d in dtypes.items()}
 
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
         h.lr = _scalar(group["lr"])
