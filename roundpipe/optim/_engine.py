@@ -179,8 +179,6 @@ class _GroupPlan:
         self.run_opts: Any = None  # rp_run_opts *
         self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
         self.fresh: list[bool] = []  # per slot: its state was created for this plan's first step
-        # slot -> (the param's non-contiguous grad, the contiguous copy the kernel reads this step)
-        self.copied_grads: dict[int, tuple[Tensor, Tensor]] = {}
         self.built = False  # state created and C arrays filled (on the first run)
         self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
         self.storage_of: Callable[[Tensor], Any] = Tensor.untyped_storage  # of the local shard for DTensors
@@ -577,8 +575,6 @@ class FusedOptimizer(Optimizer):
         for plan in plans:
             if plan.params:
                 self._run(plan, grad_scale, found_inf)
-                if grad_scale is not None and plan.copied_grads:
-                    _write_back_unscaled(plan)
         return loss
 
     def _plan(self, gi: int, group: dict[str, Any]) -> _GroupPlan:
@@ -592,8 +588,6 @@ class FusedOptimizer(Optimizer):
         if plan is not None and plan.group is group and plan.config == config:
             changed = plan.grads_changed(group["params"], all_grads, self.state)
             if changed is not None:
-                if changed:
-                    plan.copied_grads = {}  # every copied slot's grad is 'changed': copied again below
                 if changed and not plan.layouts_match():  # the full check, where it is needed
                     for slot in plan.changed_slots():
                         i = plan.group_index[slot]
@@ -624,11 +618,7 @@ class FusedOptimizer(Optimizer):
                 self._check_state(p, st, layout, at, self._extra_state(group))
             plan.group_index.append(i)
             plan.params.append(p)
-            if _needs_copy(g):
-                work = g.contiguous()
-                plan.copied_grads[len(plan.grads)] = (g, work)
-                g = work
-            plan.grads.append(g)
+            plan.grads.append(g.contiguous() if _needs_copy(g) else g)
         self._plans[gi] = plan
         return plan
 
@@ -900,49 +890,27 @@ def _check_tensor(p: Tensor, g: Tensor, where: str, who: str = "Adam",
             )
     if not lp.is_contiguous():
         raise ValueError(f"roundpipe {who}: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
-    if not lg.is_contiguous() and not _needs_copy(g):  # a DTensor's: plain grads are copied (_needs_copy)
+    if not lg.is_contiguous() and not _needs_copy(g):
         raise ValueError(f"roundpipe {who}: {where} has a non-contiguous grad; make it contiguous before step()")
 
 
 def _needs_copy(g: Tensor) -> bool:
-    """A grad the kernel reads through a contiguous copy: a plain tensor that is not contiguous
-    (a broadcast grad, ``expand``'s stride 0, or a transposed or sliced one), stepped as the values
-    it holds, as torch's default step does. The copy is made per step, where the plan checks grads."""
-    return type(g) in (Tensor, torch.nn.Parameter) and not g.is_contiguous()
+    """A broadcast grad (a plain tensor with stride 0 on a dimension of size > 1, as ``expand``
+    makes): stepped as the values it holds, through a contiguous copy made each step where the
+    plan checks grads, as torch's for-loop step does (torch's fused kernels read it as contiguous
+    memory, past its end). Its elements share memory, so GradScaler's unscaled values have no place
+    to go: it keeps its scaled values. Other non-contiguous grads are refused (_check_tensor)."""
+    return type(g) in (Tensor, torch.nn.Parameter) and any(
+        s == 0 and n > 1 for n, s in zip(g.shape, g.stride(), strict=True))
 
 
 def _copy_pending_grad(plan: _GroupPlan, slot: int) -> None:
-    """Point slot's pending grad at a contiguous copy of the param's grad (see _needs_copy)."""
+    """Point slot's pending grad, and its signature, at a contiguous copy (see _needs_copy)."""
     grads = cast(list[Tensor], plan.pending_grads)
-    g = grads[slot]
-    work = g.contiguous()
-    plan.copied_grads[slot] = (g, work)
-    grads[slot] = work
+    work = grads[slot] = grads[slot].contiguous()
     plan.pending_grad_sig[0][slot] = plan.ptr_of(work)
     plan.pending_grad_sig[1][slot] = work.stride()
     plan.pending_grad_bytes[slot] = plan.storage_bytes([work])[0]
-
-
-def _has_own_memory(t: Tensor) -> bool:
-    """True when no two elements of t share memory: sorted by stride, each dimension steps past
-    everything the smaller strides span (a broadcast grad's stride 0 does not)."""
-    extent = 0
-    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride(), strict=True) if n > 1),
-                               key=operator.itemgetter(1)):
-        if stride <= extent:
-            return False
-        extent += (size - 1) * stride
-    return True
-
-
-def _write_back_unscaled(plan: _GroupPlan) -> None:
-    """After a step with GradScaler's scale, copy each unscaled grad copy back into the param's grad,
-    as the kernels unscale contiguous grads in place (torch's fused kernels do the same for strided
-    grads). A broadcast grad, whose elements share memory, has no place for each value: it is left
-    scaled, as it was."""
-    for g, work in plan.copied_grads.values():
-        if _has_own_memory(g):
-            g.copy_(work)
 
 
 def _check_allocated(t: Tensor, what: str, where: str, who: str = "Adam") -> None:
