@@ -98,7 +98,7 @@ def check_lr(lr: Any, where: str) -> None:
     """torch's learning-rate checks, shared by the rules: a float or a 1-element Tensor, >= 0."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element{where}, got {lr.numel()} elements")
-    if not 0.0 <= lr:
+    if not 0.0 <= check_number({"lr": lr}, "lr", where, tensor_ok=True):
         raise ValueError(f"Invalid learning rate: {lr}{where}")
 
 

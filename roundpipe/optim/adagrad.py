@@ -96,7 +96,6 @@ class Adagrad(FusedOptimizer):
                     self.state[p].update(self._new_state(p, p, group, self._layout(group, p)[1]))
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        check_number(group, "lr", where, tensor_ok=True)
         check_lr(group["lr"], where)
         for name, what in (("lr_decay", "lr_decay value"), ("weight_decay", "weight_decay value"),
                            ("initial_accumulator_value", "initial_accumulator_value value"), ("eps", "epsilon value")):

@@ -31,7 +31,6 @@ __all__ = ["Adam", "AdamW", "native_available"]
 
 def _check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
     """torch.optim.Adam's value checks, each after its type check; `where` names the group at step time."""
-    check_number(group, "lr", where, tensor_ok=True)
     check_lr(group["lr"], where)
     eps = check_number(group, "eps", where)
     if not 0.0 <= eps:

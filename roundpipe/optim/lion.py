@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_number, fp32_working_set
+from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_lr, check_number, fp32_working_set
 
 __all__ = ["Lion"]
 
@@ -72,7 +72,8 @@ class Lion(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
             "master_weights": master_weights,
         }
-        if not 0.0 < check_number(defaults, "lr", "", tensor_ok=True):  # lion-pytorch's constructor check
+        check_lr(lr, "")
+        if not 0.0 < _scalar(lr):  # lion-pytorch's constructor check; a step takes lr = 0
             raise ValueError(f"Invalid learning rate: {lr}; Lion needs lr > 0")
         super().__init__(params, defaults)
 
@@ -83,9 +84,7 @@ class Lion(FusedOptimizer):
         return _scalar(self.defaults["lr"])
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        lr = check_number(group, "lr", where, tensor_ok=True)
-        if not 0.0 <= lr:  # a step at 0 is allowed (a warmup from 0), as in lion-pytorch
-            raise ValueError(f"Invalid learning rate: {lr}{where}")
+        check_lr(group["lr"], where)  # lr = 0 steps (a warmup from 0), as in lion-pytorch
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2){where}, got {betas!r}")

@@ -93,7 +93,6 @@ class SGD(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        check_number(group, "lr", where, tensor_ok=True)
         check_lr(group["lr"], where)
         momentum = check_number(group, "momentum", where)
         dampening = check_number(group, "dampening", where)  # any value, as in torch
