@@ -106,8 +106,7 @@ def test_sgd_skipped_first_step_then_rebuild_is_torchs_first_step(rebuild, fallb
     b.grad = torch.full((1003,), float("inf"))
     opt.step(grad_scale=torch.tensor(1024.0), found_inf=torch.ones(()))  # skipped
     assert_bits_equal(b, init, "param after the skipped step")
-    for key, t in opt.state.get(b, {}).items():  # whatever it kept must be initialized
-        assert key != "momentum_buffer", "a skipped step created a momentum buffer no step has written"
+    assert "momentum_buffer" not in opt.state.get(b, {}), "a skipped step created a buffer no step has written"
     if rebuild == "state_dict":
         sd = copy.deepcopy(opt.state_dict())
         opt = rpo.SGD([b], **kw)

@@ -41,19 +41,35 @@ class Adagrad(FusedOptimizer):
     The decayed rate is computed in double once per tensor per step, then
     rounded to float, as torch does. bfloat16/float16 params are computed in
     fp32 and rounded once; ``master_weights=True`` keeps an fp32 master and
-    an fp32 ``sum`` for them.
+    an fp32 ``sum`` for them. complex64 params are stepped as their real view
+    (``torch.view_as_real``), as torch's for-loop Adagrad steps them, bit for
+    bit torch's fused Adagrad on that view (torch's fused Adagrad refuses
+    complex params; its for-loop rounds differently, within 1e-6 relative).
+
+    As in torch, the accumulator ``sum`` starts at the constructor's
+    ``initial_accumulator_value`` (``defaults``), for every group, groups added
+    later with ``add_param_group`` included: a group's own
+    ``initial_accumulator_value`` is checked but not used. A complex param's
+    starts at ``complex(v, v)``.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate :math:`\gamma` (default: 1e-2).
         lr_decay: learning rate decay :math:`\eta` (default: 0).
         weight_decay: L2 penalty :math:`\lambda` (default: 0).
-        initial_accumulator_value: initial value of the sum of squares (default: 0).
+        initial_accumulator_value: initial value of the sum of squares, for
+            every group (a group's own value is not used, as in torch) (default: 0).
         eps: term added to the denominator (default: 1e-10).
         foreach, fused: accepted for compatibility and ignored, with a warning.
         maximize: maximize the objective instead of minimizing (default: False).
         differentiable: must be False.
         master_weights: fp32 master copies for 16-bit params (default: False).
+
+    A broadcast grad (stride 0, as ``expand`` makes) is stepped as the values it
+    holds, through a copy (torch's fused kernel reads it as contiguous memory);
+    with GradScaler it keeps its scaled values. Other non-contiguous grads are
+    refused. Every hyperparameter of every group is type-checked before any
+    group steps.
 
     State: ``step`` (a 0-dim float32 tensor) and ``sum``, created at construction, as in torch.
     """

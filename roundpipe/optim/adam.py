@@ -103,14 +103,25 @@ class Adam(FusedOptimizer):
         bf16_stochastic_round: for bfloat16 params only: compute the update in
             fp32 and round the param to bf16 stochastically (moments to
             nearest), with no master copy; reproducible under
-            ``torch.manual_seed``, seed kept in ``state["sr_seed"]``. Replaces
-            ``master_weights`` (default: False).
+            ``torch.manual_seed``, seed kept in ``state["sr_seed"]``. The
+            random bits are keyed on ``state["sr_step"]``, an int64 count of
+            the steps taken (``step``, a float32, stops counting at 2^24), so
+            a resumed run draws the same bits. Turned on over existing state
+            (a round-to-nearest run, or its checkpoint), the next step creates
+            both: the seed from torch's generator, the count from ``step``.
+            Replaces ``master_weights`` (default: False).
 
     Limits: parameters must be contiguous CPU tensors of dtype float32,
     bfloat16 or float16 (or complex64, stepped as its real view) with dense
     gradients of the same shape and dtype. Anything else raises before any
     tensor is touched. Low-precision params without master weights compute in
     fp32 and store in their dtype, bit-identical to torch's fused Adam.
+    A broadcast gradient (stride 0, as ``expand`` makes) is stepped as the
+    values it holds, through a copy, as torch's for-loop Adam steps it
+    (torch's fused kernel reads it as contiguous memory); with GradScaler it
+    keeps its scaled values, having no memory for each unscaled one. Other
+    non-contiguous gradients are refused. Every hyperparameter of every group
+    is checked (type and range) before any group steps.
     """
 
     _NAME = "Adam"

@@ -29,7 +29,10 @@ class Lion(FusedOptimizer):
         \end{aligned}
 
     :math:`\gamma_0` is the learning rate given to the constructor, as in
-    lion-pytorch. One pass reads the param, grad and moment and writes the
+    lion-pytorch (kept in ``defaults``, so copies and unpickled optimizers
+    step as the original; lion-pytorch's lose it). As in lion-pytorch, the
+    constructor needs ``lr > 0`` and a step takes any ``lr >= 0`` (a warmup
+    from 0, a schedule that reaches 0). One pass reads the param, grad and moment and writes the
     param and moment: 20 bytes per fp32 element against Adam's 28.
     bfloat16/float16 params are computed in fp32 and rounded once;
     ``master_weights=True`` keeps an fp32 master and an fp32 moment for them.
@@ -42,6 +45,11 @@ class Lion(FusedOptimizer):
         decoupled_weight_decay: divide the decay by the initial learning rate (default: False).
         maximize: maximize the objective instead of minimizing (default: False).
         master_weights: fp32 master copies for 16-bit params (default: False).
+
+    A broadcast grad (stride 0, as ``expand`` makes) is stepped as the values it
+    holds, through a copy; with GradScaler it keeps its scaled values. Other
+    non-contiguous grads are refused. Every hyperparameter of every group is
+    type-checked before any group steps.
 
     State: ``exp_avg`` per param, as in lion-pytorch.
     """

@@ -40,7 +40,26 @@ class SGD(FusedOptimizer):
 
     bfloat16/float16 params are computed in fp32 and rounded once (torch 2.13's
     fused SGD leaves such params unchanged, pytorch#191763); ``master_weights=True``
-    keeps an fp32 master copy and an fp32 momentum buffer for them.
+    keeps an fp32 master copy and an fp32 momentum buffer for them. complex64
+    params are stepped as their real view (``torch.view_as_real``), bit for bit
+    torch's fused SGD on that view; torch's fused SGD refuses complex params and
+    its default for-loop step on them rounds differently (within 1e-6 relative).
+
+    Where it differs from torch on purpose:
+
+    * A first step that GradScaler skips creates no momentum buffer (torch's
+      fused SGD creates an uninitialized one, which a checkpoint then saves and
+      later steps read as momentum); the next real step is the first step, as in
+      torch's foreach SGD. No state ever holds uninitialized memory.
+    * A param whose state has no buffer when momentum is on (momentum turned on
+      mid-training, with master weights too) gets one from its next step, which
+      copies the grad, as torch's for-loop SGD does per param.
+    * A broadcast grad (stride 0, as ``expand`` makes) is stepped as the values
+      it holds, through a copy (torch's fused kernel reads it as contiguous
+      memory); with GradScaler it keeps its scaled values. Other non-contiguous
+      grads are refused.
+    * Every hyperparameter of every group is type-checked (``dampening`` too)
+      before any group steps.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -54,7 +73,8 @@ class SGD(FusedOptimizer):
         differentiable: must be False.
         master_weights: fp32 master copies for 16-bit params (default: False).
 
-    State: ``momentum_buffer`` per param when momentum is non-zero, as in torch.
+    State: ``momentum_buffer`` per param when momentum is non-zero, as in torch,
+    created by the param's first step that is not skipped.
     """
 
     _NAME = "SGD"
