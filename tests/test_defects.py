@@ -465,7 +465,8 @@ def test_copied_lion_steps_like_the_original(how):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sgd_momentum_turned_on_mid_training_with_master_weights(dtype):
+@pytest.mark.parametrize("fallback", [False, True], ids=["native", "fallback"])
+def test_sgd_momentum_turned_on_mid_training_with_master_weights(dtype, fallback):
     """As with fp32 params and in torch: the buffer is created by the first step with momentum,
     which copies the grad (torch's fused SGD on the fp32 master is the reference)."""
     gen = torch.Generator().manual_seed(11)
@@ -473,6 +474,8 @@ def test_sgd_momentum_turned_on_mid_training_with_master_weights(dtype):
     master = init.float().requires_grad_()
     p = init.clone().requires_grad_()
     ref, opt = torch.optim.SGD([master], lr=0.1, fused=True), rpo.SGD([p], lr=0.1, master_weights=True)
+    if fallback:
+        _on_the_fallback(opt)
     for step in range(4):
         if step == 2:
             for o in (ref, opt):
