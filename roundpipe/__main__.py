@@ -1,4 +1,4 @@
-"""``python -m roundpipe info|build|clean``: inspect, prebuild or empty the kernel cache.
+"""``python -m roundpipe info|build|clean|bench``: inspect, prebuild or empty the kernel cache; benchmark.
 
   info [--timing] [--repeat N] [--vec]
       what this host uses: version, cache dir and key, CPU and SIMD features,
@@ -13,6 +13,10 @@
       directory is not writable, rather than building somewhere temporary.
   clean
       delete every cache entry under the cache directory.
+  bench [--quick] [--optimizer NAMES] [--threads N,M] [--workloads ...] [--json FILE] [--plot FILE]
+      optimizer step throughput on this machine: roundpipe against torch's
+      implementations of each rule and the memory roofline (roundpipe.bench;
+      `python -m roundpipe bench --help` lists its flags).
 
 Errors are one line on stderr and a non-zero exit status.
 """
@@ -274,12 +278,23 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(argv: Sequence[str]) -> int:
+    """The bench has its own parser (roundpipe.bench.cli): everything after `bench` is its."""
+    from .bench.cli import main as bench_main
+
+    return bench_main(list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m roundpipe", description="Inspect, prebuild or empty roundpipe's kernel cache.",
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
+    parser = _Parser(prog="python -m roundpipe",
+                     description="Inspect, prebuild or empty roundpipe's kernel cache; benchmark its optimizers.",
                      epilog="Environment: ROUNDPIPE_CACHE_DIR, CC, ROUNDPIPE_REQUIRE_NATIVE, ROUNDPIPE_NO_CACHE, "
                             "ROUNDPIPE_NO_THREAD_WARNING.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{info,build,clean}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{info,build,clean,bench}", parser_class=_Parser)
     p_info = sub.add_parser("info", help="show what this host uses (builds the kernel if needed)")
     p_info.add_argument("--timing", action="store_true", help="measure the cold and warm first step (import + one Adam step)")
     p_info.add_argument("--repeat", type=int, default=3, help="timing runs per measurement (default 3)")
@@ -287,9 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_build = sub.add_parser("build", help="build the kernel into the cache ahead of time")
     p_build.add_argument("--force", action="store_true", help="rebuild even if the cache has it")
     sub.add_parser("clean", help="delete every cache entry")
+    # listed for --help only: main() hands `bench ...` to roundpipe.bench before this parser runs
+    sub.add_parser("bench", help="optimizer step throughput against torch on this machine (bench --help)")
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: info, build or clean")
+        parser.error("choose a command: info, build, clean or bench")
     handler = {"info": cmd_info, "build": cmd_build, "clean": cmd_clean}[args.command]
     try:
         return handler(args)

@@ -283,9 +283,13 @@ int rp_adam_step(const rp_run_opts *run, const rp_adam_hyper *h, rp_tensor *tens
 
     const adam_scalars s = scalars_of(h);
     adam_step_scalars(&s, tensors, n_tensors);
-    for (int64_t i = 0; i < n_tensors; i++) { /* bf16_stochastic_round: this step's random bits */
+    for (int64_t i = 0; i < n_tensors; i++) { /* bf16_stochastic_round: its own step count and key */
         rp_tensor *t = &tensors[i];
-        if (t->seed) t->sr_key = rp_sr_key((uint64_t)*t->seed, (uint64_t)*t->step);
+        if (t->seed) { /* this step's random bits, keyed on an int64 count that does not saturate */
+            const int64_t count = *t->sr_step + 1;
+            *t->sr_step = count;
+            t->sr_key = rp_sr_key((uint64_t)*t->seed, (uint64_t)count);
+        }
     }
     adam_ctx ctx;
     consts_for_group(&s, run, &ctx.group);
