@@ -1,10 +1,11 @@
 """AdamW8bit against roundpipe's fp32 AdamW, interleaved in one process, and where its time goes.
 
-    PYTHONPATH=. python scripts/q8_bench.py [--mix layers=2,d=1024,vocab=8000,ctx=1024,mlp=4]
+    python scripts/q8_bench.py [--mix layers=2,d=1024,vocab=8000,ctx=1024,mlp=4]
                                             [--threads 1,2] [--reps 7] [--bnb]
 
-1. The step on a GPT-2-like mix (scripts/bench.py's transformer_shapes; the default is a
-   smaller mix than bench.py's, for a shared 2-core machine): each round steps every
+1. The step on a GPT-2-like mix (roundpipe.bench's transformer_shapes; the default is a
+   smaller mix than the bench's, for a shared 2-core machine; its lowmem workload has the
+   8-bit row too): each round steps every
    optimizer once, in turn, so that a noisy neighbour hits all of them alike; min and
    median over the rounds, and the ratio of medians.
 2. Where the time goes, on one thread, in L2 (256 Ki elements stepped over and over, so
@@ -25,11 +26,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import make_params, parse_config, transformer_shapes  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's roundpipe
 
 import roundpipe.optim as rpo  # noqa: E402
 from roundpipe import _build  # noqa: E402
+from roundpipe.bench.workloads import make_params, parse_config, transformer_shapes  # noqa: E402
 
 
 def rounds(entries: dict[str, Any], reps: int, clock: Any = time.perf_counter) -> dict[str, list[float]]:

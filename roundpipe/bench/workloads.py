@@ -359,7 +359,8 @@ def bench_low_precision_params(w: Workload, args: argparse.Namespace, threads: i
 
 def bench_low_memory(w: Workload, args: argparse.Namespace, threads: int) -> Result:
     """Issue 12's layouts against the ones they slim: fp32 params with bf16 moments against fp32
-    moments (28 -> 20 B/el), and bf16 params with stochastic rounding against round-to-nearest."""
+    moments (28 -> 20 B/el), 8-bit moments (AdamW8bit, issue 26: 16 B/el at block 256, the
+    absmax scales left out), and bf16 params with stochastic rounding against round-to-nearest."""
     import roundpipe.optim
 
     log(f"[{w.name}] {w.numel:,} elements in {len(w.shapes)} tensors, {threads} threads")
@@ -367,10 +368,12 @@ def bench_low_memory(w: Workload, args: argparse.Namespace, threads: int) -> Res
     p32b, _ = make_params(w.shapes, torch.float32)
     p16, _ = make_params(w.shapes, torch.bfloat16)
     p16b, _ = make_params(w.shapes, torch.bfloat16)
+    p8, _ = make_params(w.shapes, torch.float32)
     bf16 = torch.bfloat16
     entries = [
         Entry("fp32 moments", roundpipe.optim.AdamW(p32, lr=LR).step, 28),
         Entry("bf16 moments", roundpipe.optim.AdamW(p32b, lr=LR, exp_avg_dtype=bf16, exp_avg_sq_dtype=bf16).step, 20),
+        Entry("8-bit moments (AdamW8bit)", roundpipe.optim.AdamW8bit(p8, lr=LR).step, 16),
         Entry("bf16 params", roundpipe.optim.AdamW(p16, lr=LR).step, 14),
         Entry("bf16 params, stochastic rounding", roundpipe.optim.AdamW(p16b, lr=LR, bf16_stochastic_round=True).step, 14),
     ]
@@ -378,7 +381,7 @@ def bench_low_memory(w: Workload, args: argparse.Namespace, threads: int) -> Res
     run_rounds(entries + ([roof] if roof else []), args.warmup, args.reps)
     res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof,
                     (w.note + " AdamW. speedup: fp32 moments' time / each row's.").strip(), ref="fp32 moments")
-    del entries, roof, p32, p32b, p16, p16b
+    del entries, roof, p32, p32b, p16, p16b, p8
     free()
     return res
 
@@ -616,5 +619,5 @@ def make_task(key: str, args: argparse.Namespace, shapes: Shapes, threads: int) 
         return Task(key, w.name, lambda: bench_grad_scaler(w, args, threads), _throughput_guess(w, 7, rounds, 40))
     if key == "lowmem":
         w = Workload("low-memory layouts", mixed.shapes, mixed.note)
-        return Task(key, w.name, lambda: bench_low_memory(w, args, threads), _throughput_guess(w, 5, rounds, 28))
+        return Task(key, w.name, lambda: bench_low_memory(w, args, threads), _throughput_guess(w, 6, rounds, 28))
     raise ValueError(f"unknown workload {key!r}")

@@ -21,7 +21,6 @@ from ._engine import (
     _GroupPlan,
     _is_dtensor,
     _scalar,
-    check_number,
 )
 from .adam import _check_hyperparameters
 
@@ -227,14 +226,7 @@ class Adam8bit(FusedOptimizer):
     # ---- the rule's hooks ----------------------------------------------------------
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        check_number(group, "lr", where, tensor_ok=True)
-        check_number(group, "eps", where)
-        check_number(group, "weight_decay", where)
-        betas = group.get("betas")
-        if isinstance(betas, (tuple, list)) and len(betas) == 2:
-            for i in range(2):
-                check_number({"betas": betas[i]}, "betas", f"{where} (betas[{i}])", tensor_ok=True)
-        _check_hyperparameters(group["lr"], betas, group["eps"], group["weight_decay"], where)
+        _check_hyperparameters(group, where)  # Adam's: lr, betas, eps, weight_decay, type then range
         if group.get("amsgrad") is not False:
             raise ValueError(f"roundpipe {self._NAME} has no amsgrad variant{where}: amsgrad must be False, "
                              f"got {group.get('amsgrad')!r}; use roundpipe.optim.Adam(amsgrad=True)")
