@@ -32,6 +32,42 @@ int64_t rp_plan_chunks(const rp_tensor *tensors, int64_t n_tensors,
     return count;
 }
 
+int64_t rp_plan_rchunks(rp_tensor *tensors, int64_t n_tensors, int64_t rchunk_elems,
+                        int64_t n_scalars, rp_rchunk *out, int64_t capacity, int64_t *n_scratch)
+{
+    int64_t count = 0, part = 0;
+    if (rchunk_elems < 1) rchunk_elems = 1;
+    for (int64_t i = 0; i < n_tensors; i++) {
+        rp_tensor *t = &tensors[i];
+        const int64_t cols = t->cols > 0 ? t->cols : 1;
+        const int64_t rows = t->rows > 0 ? t->rows : 1;
+        const int64_t mat = rows * cols;
+        t->first_rchunk = count;
+        /* whole matrices per chunk, or rows of one matrix per chunk */
+        const int64_t mats_per = mat <= rchunk_elems ? rchunk_elems / mat : 0;
+        const int64_t rows_per = rchunk_elems / cols > 0 ? rchunk_elems / cols : 1;
+        for (int64_t m0 = 0; m0 < t->numel; m0 += mat) {
+            const int64_t step = mats_per ? mats_per * mat : rows_per * cols;
+            const int64_t stop = mats_per ? t->numel : m0 + mat; /* whole matrices: one run to the end */
+            for (int64_t b = m0; b < stop; b += step) {
+                const int64_t e = stop - b > step ? b + step : stop;
+                if (count < capacity) {
+                    out[count].tensor = i;
+                    out[count].begin = b;
+                    out[count].end = e;
+                    out[count].part = part;
+                }
+                part += n_scalars + cols; /* its scalars, then one float per column */
+                count++;
+            }
+            if (mats_per) break;
+        }
+        t->n_rchunks = count - t->first_rchunk;
+    }
+    *n_scratch = part;
+    return count;
+}
+
 void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) tensors[i].grad = (void *)ptrs[i];

@@ -1,4 +1,4 @@
-"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad and Lion.
+"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad, Adafactor and Lion.
 
 Importing this package compiles (once per host, then cached) and loads the C
 kernels; see roundpipe._build.
@@ -6,6 +6,7 @@ kernels; see roundpipe._build.
 
 from .. import _build
 from ._engine import FusedOptimizer, native_available
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .lion import Lion
@@ -13,4 +14,4 @@ from .sgd import SGD
 
 _build.load_kernel()
 
-__all__ = ["Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "SGD", "native_available"]
+__all__ = ["Adafactor", "Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "SGD", "native_available"]
