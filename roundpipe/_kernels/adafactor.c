@@ -59,6 +59,8 @@ typedef struct {
 
 /* ---- sums of squares in torch's order ------------------------------------------ */
 
+typedef float v8f __attribute__((vector_size(32)));
+
 /* The sum of squares of a stream of n floats, as torch's norm kernel over a
    contiguous last dim adds them (see the file comment); fed in pieces. */
 typedef struct {
@@ -81,11 +83,16 @@ static inline void sumsq_add(af_sumsq *s, const float *x, int64_t len)
     if (pos == 0 && len > 0) s->first = x[0];
     for (; i < len && pos % 8 != 0 && pos < s->body; i++, pos++)
         s->lane[pos % 8] = s->lane[pos % 8] + x[i] * x[i];
-    float acc[8];
-    memcpy(acc, s->lane, sizeof acc);
-    for (; i + 8 <= len && pos + 8 <= s->body; i += 8, pos += 8)
-        for (int l = 0; l < 8; l++) acc[l] = acc[l] + x[i + l] * x[i + l]; /* one 8-lane vector */
-    memcpy(s->lane, acc, sizeof acc);
+    /* torch's 8 lanes as one 8-float vector (GCC's vector extension: its SLP pass
+       built this loop from scalar loads); two accumulators would change the sums */
+    v8f acc;
+    memcpy(&acc, s->lane, sizeof acc);
+    for (; i + 8 <= len && pos + 8 <= s->body; i += 8, pos += 8) {
+        v8f v;
+        memcpy(&v, x + i, sizeof v);
+        acc = acc + v * v;
+    }
+    memcpy(s->lane, &acc, sizeof acc);
     for (; i < len; i++, pos++) {
         if (pos < s->body) s->lane[pos % 8] = s->lane[pos % 8] + x[i] * x[i];
         else s->tail[pos - s->body] = x[i];

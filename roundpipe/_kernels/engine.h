@@ -100,6 +100,9 @@ void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n);
 void rp_roofline_probe(float *a, const float *b, float *c, float *d,
                        int64_t n, int32_t num_threads);
 void rp_roofline_probe3(float *a, const float *b, float *c, int64_t n, int32_t num_threads);
+/* rp_roofline_probe_adafactor: Adafactor's three passes, a and b read, b read, a and b
+   read and a written: 24 bytes per element (sums: one float per 16 Ki elements). */
+void rp_roofline_probe_adafactor(float *a, const float *b, int64_t n, int32_t num_threads, float *sums);
 
 /* 1 when this process is a fork() child: steps then run on one thread (see engine.c). */
 int rp_in_forked_child(void);
