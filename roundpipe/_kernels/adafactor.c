@@ -9,7 +9,8 @@
  *   vectors: variance.lerp_(g*g, w); v = variance
  *   u = rsqrt(clamp_min(v, eps1^2)) * g;  denom = max(1, ||u|| / (sqrt(numel) d))
  *   p += (-alpha / denom) * u
- * Three passes, each parallel over the reduction chunks of all tensors of the group:
+ * Three passes, parallel across all tensors of the group (1 and 2 over its reduction
+ * chunks, 3 over its element chunks):
  *   1. reads p and g: ||p|| and the row/column sums of squares of g (rows and whole
  *      matrices finish in the chunk; columns of a matrix split over chunks are folded
  *      in chunk order by af_combine1), or the variance lerp for vectors;
@@ -402,55 +403,56 @@ static inline void apply_seg(const rp_tensor *t, int64_t i, int64_t n, const flo
     }
 }
 
-/* Walk a chunk segment by segment (never across a row), computing u; pass 2 sums
-   its squares, pass 3 applies it. */
-static inline __attribute__((always_inline)) void walk_update(const rp_tensor *t, const rp_rchunk *ch,
-                                                              float *part, const af_ctx *k, const int apply)
+/* Walk elements [begin, end) of t segment by segment (never across a row), computing
+   u; pass 2 sums its squares (into *norm_out), pass 3 applies it. */
+static inline __attribute__((always_inline)) void walk_update(const rp_tensor *t, int64_t begin, int64_t end,
+                                                              float *norm_out, const af_ctx *k, const int apply)
 {
     float pb[RP_BLOCK] __attribute__((aligned(64)));
     float gb[RP_BLOCK] __attribute__((aligned(64)));
     float cb[RP_BLOCK] __attribute__((aligned(64)));
     float ub[RP_BLOCK] __attribute__((aligned(64)));
     af_sumsq us;
-    sumsq_init(&us, ch->end - ch->begin);
+    sumsq_init(&us, end - begin);
     if (!t->state[COL_VAR]) {
-        for (int64_t i = ch->begin; i < ch->end; i += RP_BLOCK) {
-            const int64_t n = ch->end - i < RP_BLOCK ? ch->end - i : RP_BLOCK;
+        for (int64_t i = begin; i < end; i += RP_BLOCK) {
+            const int64_t n = end - i < RP_BLOCK ? end - i : RP_BLOCK;
             const float *g = grad_f32(t, i, n, gb, k);
             update_seg(n, ub, g, 0.0f, state_f32(t, VARIANCE, i, n, cb), 1.0f, k, 0);
             if (apply) apply_seg(t, i, n, ub, pb, g, k);
             else sumsq_add(&us, ub, n);
         }
     } else {
-        const int64_t R = t->rows, C = t->cols, M = R * C;
-        for (int64_t m0 = ch->begin; m0 < ch->end;) {
-            const int64_t b = m0 / M;
-            const int64_t m1 = (b + 1) * M < ch->end ? (b + 1) * M : ch->end;
-            const float mean = t->numel == M ? t->scalar[1] : row_var_mean(t, b, k->eps1);
-            for (int64_t row = m0; row < m1; row += C) {
-                const float r = st_get(t->state[ROW_VAR], t->state_dtype[ROW_VAR], row / C);
-                for (int64_t s = 0; s < C; s += RP_BLOCK) {
-                    const int64_t n = C - s < RP_BLOCK ? C - s : RP_BLOCK;
-                    const float *g = grad_f32(t, row + s, n, gb, k);
-                    update_seg(n, ub, g, r, state_f32(t, COL_VAR, b * C + s, n, cb), mean, k, 1);
-                    if (apply) apply_seg(t, row + s, n, ub, pb, g, k);
-                    else sumsq_add(&us, ub, n);
-                }
+        const int64_t C = t->cols, M = t->rows * C;
+        int64_t b = -1;
+        float mean = 0.0f;
+        for (int64_t i = begin; i < end;) {
+            if (i / M != b) { /* a new matrix: its row_var mean */
+                b = i / M;
+                mean = t->numel == M ? t->scalar[1] : row_var_mean(t, b, k->eps1);
             }
-            m0 = m1;
+            const int64_t j = i % C, left = C - j < end - i ? C - j : end - i;
+            const int64_t n = left < RP_BLOCK ? left : RP_BLOCK;
+            const float r = st_get(t->state[ROW_VAR], t->state_dtype[ROW_VAR], i / C);
+            const float *g = grad_f32(t, i, n, gb, k);
+            update_seg(n, ub, g, r, state_f32(t, COL_VAR, b * C + j, n, cb), mean, k, 1);
+            if (apply) apply_seg(t, i, n, ub, pb, g, k);
+            else sumsq_add(&us, ub, n);
+            i += n;
         }
     }
-    if (!apply) part[U_NORM] = t->n_rchunks == 1 ? sumsq_norm(&us) : sumsq_total(&us);
+    if (!apply) *norm_out = t->n_rchunks == 1 ? sumsq_norm(&us) : sumsq_total(&us);
 }
 
 static void af_pass2(const rp_tensor *t, const rp_rchunk *ch, float *part, const void *ctx)
 {
-    walk_update(t, ch, part, ctx, 0);
+    walk_update(t, ch->begin, ch->end, &part[U_NORM], ctx, 0);
 }
 
-static void af_pass3(const rp_tensor *t, const rp_rchunk *ch, float *part, const void *ctx)
+/* the element pass: the engine's element chunks, in parallel within tensors too */
+static void af_pass3(const rp_tensor *t, int64_t begin, int64_t end, const void *ctx)
 {
-    walk_update(t, ch, part, ctx, 1);
+    walk_update(t, begin, end, NULL, ctx, 1);
 }
 
 /* A norm from the tensor's chunk partials: the chunk's own norm when it is the only
@@ -485,7 +487,6 @@ static void af_combine2(rp_tensor *t, const rp_run_opts *run, const void *ctx)
 int rp_adafactor_step(const rp_run_opts *run, const rp_adafactor_hyper *h, rp_tensor *tensors,
                       int64_t n_tensors, const rp_chunk *chunks, int64_t n_chunks)
 {
-    (void)chunks, (void)n_chunks; /* every pass runs on the reduction chunks (whole rows) */
     if (rp_skipped(run)) return 0;
     af_ctx k;
     k.lr = h->lr;
@@ -505,6 +506,6 @@ int rp_adafactor_step(const rp_run_opts *run, const rp_adafactor_hyper *h, rp_te
     }
     rp_reduce(run, tensors, n_tensors, af_pass1, af_combine1, &k);
     rp_reduce(run, tensors, n_tensors, af_pass2, af_combine2, &k);
-    rp_reduce(run, tensors, n_tensors, af_pass3, NULL, &k);
+    rp_run(run, tensors, n_tensors, chunks, n_chunks, af_pass3, &k);
     return 1;
 }

@@ -57,10 +57,11 @@ CHUNK_ELEMS = 16384
 # OpenMP team costs more than it saves. Measured by scripts/bench.py --sweep-serial.
 SERIAL_BELOW = 32768
 
-# Elements per chunk of the reduction phase (whole rows, rp_plan_rchunks): 1 MiB of fp32.
+# Elements per chunk of the reduction phase (whole rows, rp_plan_rchunks): 16 MiB of fp32.
 # A tensor that fits in one chunk is reduced in exactly the order of one sequential loop
-# (what torch's norms do); bigger ones fold their chunks' partials in chunk order.
-RCHUNK_ELEMS = 262144
+# (torch's norms are such loops: Adafactor gets torch's bits), bigger ones fold their
+# chunks' partials in chunk order; smaller chunks would balance threads better.
+RCHUNK_ELEMS = 1 << 22
 
 # torch's fused CPU optimizers run Vectorized<float> of 8 lanes: their kernels are built
 # for AVX2 and not registered for AVX-512 (REGISTER_DISPATCH), and the NEON, SVE256 and

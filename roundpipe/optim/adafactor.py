@@ -52,9 +52,9 @@ class Adafactor(FusedOptimizer):
     across all the tensors of a group: the norms and row and column sums of squares,
     the norm of the update, then the update (24 bytes per fp32 element; the state is
     O(rows + cols)). Reductions are summed in torch's order within a reduction chunk
-    (256 Ki elements, whole rows), so params that fit in one get torch's bits; bigger
-    ones fold the chunks' partial sums in a fixed order: within a few ulps of torch,
-    and the same bits on any thread count. bfloat16/float16 params are computed in
+    (4 Mi elements, whole rows), so params that fit in one get torch's bits; bigger
+    ones fold the chunks' partial sums in a fixed order (norms within about 1e-6 of
+    torch's, the same bits on any thread count). bfloat16/float16 params are computed in
     fp32 and rounded once; ``master_weights=True`` keeps an fp32 master copy and fp32
     state for them. 0-element params are left as they are (torch divides by zero).
 
