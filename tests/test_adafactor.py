@@ -19,7 +19,7 @@ import torch
 
 import roundpipe.optim as rpo
 from roundpipe.optim import _engine
-from conftest import assert_bits_equal, assert_same_values_nan_anywhere, randn_grads, randn_params, run_python, train_twins
+from conftest import assert_bits_equal, randn_grads, randn_params, run_python, train_twins
 
 pytestmark = pytest.mark.usefixtures("_require_native_kernel")
 
