@@ -101,6 +101,36 @@ static inline void sumsq_add(af_sumsq *s, const float *x, int64_t len)
     s->pos = pos;
 }
 
+/* sumsq_add(a, x, len) and sumsq_add(b, y, len) with their two 8-lane chains in one loop
+   where both streams start a vector (the same sums: each chain keeps its own order) */
+static inline void sumsq_add2(af_sumsq *a, const float *x, af_sumsq *b, const float *y, int64_t len)
+{
+    int64_t i = 0;
+    if (a->pos % 8 == 0 && b->pos % 8 == 0 && len >= 8) {
+        if (a->pos == 0) a->first = x[0];
+        if (b->pos == 0) b->first = y[0];
+        int64_t m = len - len % 8;
+        if (a->body - a->pos < m) m = a->body - a->pos;
+        if (b->body - b->pos < m) m = b->body - b->pos;
+        v8f acc_a, acc_b;
+        memcpy(&acc_a, a->lane, sizeof acc_a);
+        memcpy(&acc_b, b->lane, sizeof acc_b);
+        for (; i < m; i += 8) {
+            v8f u, v;
+            memcpy(&u, x + i, sizeof u);
+            memcpy(&v, y + i, sizeof v);
+            acc_a = acc_a + u * u;
+            acc_b = acc_b + v * v;
+        }
+        memcpy(a->lane, &acc_a, sizeof acc_a);
+        memcpy(b->lane, &acc_b, sizeof acc_b);
+        a->pos += i;
+        b->pos += i;
+    }
+    sumsq_add(a, x + i, len - i);
+    sumsq_add(b, y + i, len - i);
+}
+
 static inline float sumsq_total(const af_sumsq *s)
 {
     float b = s->lane[0];
@@ -309,9 +339,8 @@ static void af_pass1(const rp_tensor *t, const rp_rchunk *ch, float *part, const
             sumsq_init(&rs, C);
             for (int64_t s = 0; s < C; s += RP_BLOCK) {
                 const int64_t n = C - s < RP_BLOCK ? C - s : RP_BLOCK;
-                sumsq_add(&ps, param_f32(t, row + s, n, pb), n);
                 const float *g = grad_f32(t, row + s, n, gb, k);
-                sumsq_add(&rs, g, n);
+                sumsq_add2(&ps, param_f32(t, row + s, n, pb), &rs, g, n);
                 if (C == 1) sumsq_add(&cs, g, 1);
                 else if (R == 1) for (int64_t j = 0; j < n; j++) col[s + j] = fabsf(g[j]);
                 else for (int64_t j = 0; j < n; j++) col[s + j] = col[s + j] + g[j] * g[j];
