@@ -306,6 +306,8 @@ class FusedOptimizer(Optimizer):
     _NAME: ClassVar[str]  # as messages name it: "Adam", "SGD", ...
     _C_STEP: ClassVar[str]  # the rule's C entry point: int f(run, hyper, tensors, n, chunks, n_chunks)
     _C_HYPER: ClassVar[str]  # its hyperparameter struct, as cffi names it
+    # The C file (_kernels/NAME.c) that holds _C_STEP, built on first use; None: NAME in rp_NAME_step.
+    _KERNEL: ClassVar[str | None] = None
     _HAS_STEP: ClassVar[bool] = True  # state["step"]: a 0-dim float32 tensor the C code counts
     _PARAM_DTYPES: ClassVar[tuple[torch.dtype, ...]] = _REAL_DTYPES
     _TORCH_VEC: ClassVar[int | None] = None  # the rule's torch vector width; None: _TORCH_VEC
@@ -338,11 +340,16 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
-        self._kernel = _build.load_kernel()
+        self._kernel = _build.load_kernel(self._kernel_rule())
         self._plans: dict[int, _GroupPlan] = {}
         self._step_lock = threading.RLock()
 
     # ---- the rule's hooks --------------------------------------------------------
+
+    @classmethod
+    def _kernel_rule(cls) -> str:
+        """The rule's C file name: _KERNEL, else NAME in its entry point rp_NAME_step."""
+        return cls._KERNEL or cls._C_STEP.removeprefix("rp_").removesuffix("_step")
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         """Raise for bad hyperparameter values; `where` names the group (empty at construction)."""
@@ -434,7 +441,7 @@ class FusedOptimizer(Optimizer):
                     p_state = self.state.get(p, [])
                     if len(p_state) != 0 and "step" in p_state and not torch.is_tensor(p_state["step"]):
                         p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
-        self._kernel = _build.load_kernel()
+        self._kernel = _build.load_kernel(self._kernel_rule())
         self._plans = {}
         if not hasattr(self, "_step_lock"):  # unpickling; load_state_dict keeps the lock it holds
             self._step_lock = threading.RLock()

@@ -93,8 +93,14 @@ class Adam(FusedOptimizer):
             by ``param.copy_(master)``. float32 params ignore it (default: False).
         exp_avg_dtype, exp_avg_sq_dtype: ``torch.float32`` or ``torch.bfloat16``
             storage for the moments. bfloat16 halves state memory and traffic
-            but rounds the moments every step (see README). None: torch's
-            layout, the param's dtype, or float32 with master weights.
+            but rounds the moments every step (see the docs' "Mixed precision
+            and memory" page). None: torch's layout, the param's dtype, or
+            float32 with master weights.
+        bf16_stochastic_round: for bfloat16 params only: compute the update in
+            fp32 and round the param to bf16 stochastically (moments to
+            nearest), with no master copy; reproducible under
+            ``torch.manual_seed``, seed kept in ``state["sr_seed"]``. Replaces
+            ``master_weights`` (default: False).
 
     Limits: parameters must be contiguous CPU tensors of dtype float32,
     bfloat16 or float16 (or complex64, stepped as its real view) with dense
