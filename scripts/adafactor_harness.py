@@ -7,8 +7,10 @@
 Numerics, one step from the same state against torch 2.13 (foreach=False, on 1 thread: its
 mean over 32768 rows or more depends on its thread count) and several steps of training: per param, the largest distance in ulps, whether every bit (NaN positions) is
 torch's, and the state's largest relative error. Params that fit in one reduction chunk
-(_engine.RCHUNK_ELEMS) must be torch's bits; bigger ones must stay within 2 ulps or 1e-6 of the
-step, state within 1e-5. Also: 1 vs 2 threads and a state_dict round trip, bit for bit.
+(_engine.RCHUNK_ELEMS) must be torch's bits; bigger ones must stay within 2 ulps or 3e-4 of
+the element's step (torch's own norm of millions of elements, one 8-lane chain, is about
+that far from the exact sum: 1.3e-4 for 5 M normal floats), state within 1e-5. Also: 1 vs
+2 threads and a state_dict round trip, bit for bit.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def grads_for(shapes: list[tuple[int, ...]], step: int, special: bool) -> list[t
 
 
 def one_matrix(shapes: list[tuple[int, ...]], flags: dict, steps: int, special: bool, threads: int,
-               torch_threads: int = 1) -> dict:
+               torch_threads: int = 1, bound: float = 1e-6) -> dict:
     gen = torch.Generator().manual_seed(1)
     init = [torch.randn(s, generator=gen) for s in shapes]
     ours = [t.clone().requires_grad_() for t in init]
@@ -81,8 +83,12 @@ def one_matrix(shapes: list[tuple[int, ...]], flags: dict, steps: int, special: 
             worst["params"] += 1
             worst["exact"] += u == 0
             ulp = torch.nextafter(y_.abs(), torch.tensor(float("inf"))) - y_.abs()
-            ok = ((x_ - y_).abs() <= 2 * ulp + 1e-6 * (y_ - y0).abs()) | (torch.isnan(x_) & torch.isnan(y_))
+            both_nan = torch.isnan(x_) & torch.isnan(y_)
+            ok = ((x_ - y_).abs() <= 2 * ulp + bound * (y_ - y0).abs()) | both_nan
             worst["bound_ok"] &= bool(ok.all())
+            excess = ((x_ - y_).abs() - 2 * ulp).clamp_min(0) / (y_ - y0).abs()
+            excess = excess[~both_nan & (excess > 0)]
+            worst["step_rel"] = max(worst.get("step_rel", 0.0), float(excess.max()) if excess.numel() else 0.0)
             for key, t in ob.state[y].items():
                 if key == "step":
                     continue
@@ -115,11 +121,12 @@ def numerics(args: argparse.Namespace) -> int:
           f"state within {w['state_rel']:.2e}")
     big_fail = 0
     for threads in (1, 2):
-        w = one_matrix(BIG, {"weight_decay": 0.1}, 2, False, threads)
+        w = one_matrix(BIG, {"weight_decay": 0.1}, 2, False, threads, bound=3e-4)
         ok = w["bound_ok"] and w["state_rel"] <= 1e-5
         big_fail += not ok
-        print(f"over one chunk, threads={threads}: largest {w['ulps']} ulps, within 2 ulps or 1e-6 of the step: "
-              f"{w['bound_ok']}, state within {w['state_rel']:.2e}")
+        print(f"over one chunk, threads={threads}: largest {w['ulps']} ulps; beyond 2 ulps, at most "
+              f"{w['step_rel']:.1e} of the element's step (bound 3e-4: {w['bound_ok']}); "
+              f"state within {w['state_rel']:.2e}")
     same = thread_and_resume_identity()
     print(f"1 vs 2 threads and a state_dict round trip, bit for bit: {same}")
     return 1 if failures or big_fail or not same else 0
