@@ -255,7 +255,8 @@ def test_grad_scaler_matches_torchs():
 # ---- training -------------------------------------------------------------------------------
 
 
-def test_loss_curve_follows_torch_for_300_steps():
+def test_loss_curve_follows_torch_for_300_steps(threads):
+    torch.set_num_threads(1)  # tiny ops: torch's thread team costs more than they do on a busy host
     def run(cls, kw):
         torch.manual_seed(11)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
