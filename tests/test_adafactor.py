@@ -359,3 +359,13 @@ def test_fallback_without_a_compiler_is_torchs_step(tmp_path):
     """)
     res = run_python(code)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_tensor_lr_and_a_scheduler_as_torch():
+    def schedule(step, opt, params):
+        if step == 0:
+            opt._sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # type: ignore[attr-defined]
+        else:
+            opt._sched.step()  # type: ignore[attr-defined]
+    train_twins(OURS, TORCH, params=randn_params((5, 7), (9,)), grads=randn_grads(), steps=4,
+                kwargs={"lr": torch.tensor(0.2)}, ref_kwargs=REF, before_step=schedule)

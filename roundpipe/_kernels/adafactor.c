@@ -50,6 +50,7 @@ enum { P_NORM = 0, U_NORM = 1, N_PARTS = 2 };
 
 typedef struct {
     double lr, eps2, d;
+    int lr_tensor;          /* lr is a 0-dim float32 Tensor (torch's _to_scalar keeps it one) */
     float eps1, eps1_sq;    /* (float)eps1 for the mean's clamp, (float)(eps1*eps1) for v's */
     float decay;            /* (float)(1 - lr*wd) */
     int decays;             /* wd != 0 */
@@ -508,6 +509,14 @@ static void af_combine2(rp_tensor *t, const rp_run_opts *run, const void *ctx)
     const double alpha = (rms > k->eps2 ? rms : k->eps2) * rho;         /* max(eps2, rms): NaN gives eps2 */
     const double ratio = (double)fold_norm(t, run, U_NORM) / (root_n * k->d);
     const double denom = ratio > 1.0 ? ratio : 1.0;                     /* max(1.0, ratio) */
+    /* A Tensor lr wins min(lr, 1/sqrt(step)) unless lr > 1/sqrt(step) compared in float32;
+       then alpha and -alpha / denom are float32 tensor ops, each rounded */
+    if (k->lr_tensor && !((float)k->lr > (float)inv_sqrt_step)) {
+        const float lr_f = (float)k->lr;
+        const float alpha_f = (float)(rms > k->eps2 ? rms : k->eps2) * lr_f;
+        t->scalar[0] = -alpha_f / (float)denom;
+        return;
+    }
     t->scalar[0] = (float)(-alpha / denom);
 }
 
@@ -523,7 +532,10 @@ int rp_adafactor_step(const rp_run_opts *run, const rp_adafactor_hyper *h, rp_te
     k.d = h->d;
     k.eps1 = (float)h->eps1;
     k.eps1_sq = (float)(h->eps1 * h->eps1);
+    k.lr_tensor = h->lr_tensor != 0;
     k.decay = (float)(1.0 - h->lr * h->weight_decay);
+    if (k.lr_tensor) /* 1 - lr * wd as float32 tensor ops */
+        k.decay = 1.0f - (float)h->lr * (float)h->weight_decay;
     k.decays = h->weight_decay != 0.0;
     k.maximize = h->maximize != 0;
     k.unscale = run->grad_scale != NULL;

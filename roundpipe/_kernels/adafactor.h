@@ -19,7 +19,7 @@ typedef struct {
     double d;
     double weight_decay;
     int32_t maximize;
-    int32_t reserved;
+    int32_t lr_tensor;      /* lr is a Tensor: torch then computes rho, alpha and the decay in float32 */
 } rp_adafactor_hyper;
 
 /* One Adafactor step over a whole param group. Returns 1 if the step ran, 0 if

@@ -166,6 +166,7 @@ class Adafactor(FusedOptimizer):
         h.d = group["d"]
         h.weight_decay = group["weight_decay"]
         h.maximize = bool(group["maximize"])
+        h.lr_tensor = isinstance(group["lr"], Tensor)  # torch's scalars are then float32 tensor ops
 
     def _fallback_step(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """torch's _single_tensor_adafactor on fp32 (working copies of 16-bit tensors)."""
@@ -195,7 +196,7 @@ class Adafactor(FusedOptimizer):
         _single_tensor_adafactor(
             [params[i] for i in keep], [grads[i] for i in keep], lists["row_var"], lists["col_var"],
             lists["variance"], [plan.states[i]["step"] for i in keep], None, None,
-            d=group["d"], lr=_scalar(group["lr"]), beta2_decay=group["beta2_decay"],
+            d=group["d"], lr=group["lr"], beta2_decay=group["beta2_decay"],
             weight_decay=group["weight_decay"], eps1=eps1, eps2=group["eps"][1],
             maximize=group["maximize"], has_complex=False,
         )
