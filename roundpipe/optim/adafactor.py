@@ -55,8 +55,10 @@ class Adafactor(FusedOptimizer):
     (4 Mi elements, whole rows), so params that fit in one get torch's bits; bigger
     ones fold the chunks' partial sums in a fixed order (norms within about 1e-6 of
     torch's, the same bits on any thread count). bfloat16/float16 params are computed in
-    fp32 and rounded once; ``master_weights=True`` keeps an fp32 master copy and fp32
-    state for them. 0-element params are left as they are (torch divides by zero).
+    fp32 and rounded once; their state, in the param's dtype as in torch, is rounded when
+    the first pass stores it and read back by the update. ``master_weights=True`` keeps an
+    fp32 master copy and fp32 state for them. 0-element params are left as they are
+    (torch divides by zero on them).
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
