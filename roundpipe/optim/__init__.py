@@ -1,4 +1,4 @@
-"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad and Lion.
+"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad, Adafactor and Lion.
 
 Each optimizer's C kernel is compiled for this host the first time that optimizer is built
 (once per host, then cached), or all of them by ``python -m roundpipe build``; see
@@ -7,6 +7,7 @@ roundpipe._build.
 
 from .. import _build
 from ._engine import FusedOptimizer, native_available
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .lion import Lion
@@ -17,4 +18,4 @@ from .sgd import SGD
 if _build._env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
     _build.load_kernel()
 
-__all__ = ["Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "SGD", "native_available"]
+__all__ = ["Adafactor", "Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "SGD", "native_available"]
