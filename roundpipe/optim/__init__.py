@@ -1,4 +1,4 @@
-"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad and Lion;
+"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad, Adafactor and Lion;
 Adam8bit and AdamW8bit keep block-wise 8-bit moments.
 
 Each optimizer's C kernel is compiled for this host the first time that optimizer is built
@@ -8,6 +8,7 @@ roundpipe._build.
 
 from .. import _build
 from ._engine import FusedOptimizer, native_available
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adam8bit import Adam8bit, AdamW8bit
@@ -19,4 +20,5 @@ from .sgd import SGD
 if _build._env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
     _build.load_kernel()
 
-__all__ = ["Adagrad", "Adam", "Adam8bit", "AdamW", "AdamW8bit", "FusedOptimizer", "Lion", "SGD", "native_available"]
+__all__ = ["Adafactor", "Adagrad", "Adam", "Adam8bit", "AdamW", "AdamW8bit", "FusedOptimizer", "Lion", "SGD",
+           "native_available"]

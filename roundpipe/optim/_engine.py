@@ -10,7 +10,8 @@ An optimizer is a subclass of :class:`FusedOptimizer` that supplies its rule:
   and ``_C_STEP`` names the C entry point (one file per rule in ``roundpipe/_kernels``);
 * ``_fallback_step``: the same step with torch's own kernels, for hosts without a compiler.
 
-Rules whose state is not shaped like the param, or differs from param to param, add:
+Rules whose state is not shaped like the param, differs from param to param, or that reduce
+before their element pass (Adafactor's row and column sums of squares and norms; block scales), add:
 
 * ``_param_state_keys``: the keys one param has, where params of a group differ (a subset of
   ``_state_keys``, which then lists them all; rp_tensor.state follows the param's own order);
@@ -18,6 +19,10 @@ Rules whose state is not shaped like the param, or differs from param to param, 
 * ``_FIXED_STATE_DTYPES``: state keys whose dtype is the rule's whatever the param's (8-bit
   codes in uint8, their scales in float32); a non-floating one comes back from a checkpoint
   in its own dtype (torch's load_state_dict casts it to the param's).
+* ``_REDUCE_SCALARS``: not None to run the reduction phase (``rp_reduce`` in runner.h): the
+  engine plans reduction chunks from each param's shape (rp_tensor.rows, cols: its last two
+  dims; whole rows, never split by the thread count) and a zeroed scratch of this many floats
+  per chunk plus one per column, and hands both to the C entry point in rp_run_opts.
 
 Everything else is written once, here: validation before anything is mutated, with
 errors that name the group and parameter; plans reused between steps and checked in
@@ -54,6 +59,12 @@ CHUNK_ELEMS = 16384
 # Param groups with fewer elements run on the calling thread: waking the
 # OpenMP team costs more than it saves. Measured by scripts/bench.py --sweep-serial.
 SERIAL_BELOW = 32768
+
+# Elements per chunk of the reduction phase (whole rows, rp_plan_rchunks): 16 MiB of fp32.
+# A tensor that fits in one chunk is reduced in exactly the order of one sequential loop
+# (torch's norms are such loops: Adafactor gets torch's bits), bigger ones fold their
+# chunks' partials in chunk order; smaller chunks would balance threads better.
+RCHUNK_ELEMS = 1 << 22
 
 # torch's fused CPU optimizers run Vectorized<float> of 8 lanes: their kernels are built
 # for AVX2 and not registered for AVX-512 (REGISTER_DISPATCH), and the NEON, SVE256 and
@@ -185,7 +196,9 @@ class _GroupPlan:
         self.tensors: Any = None  # rp_tensor[] (native path)
         self.chunks: Any = None  # rp_chunk[]
         self.n_chunks = 0
+        self.rchunks: Any = None  # rp_rchunk[] and float[] scratch: the reduction phase's plan
         self.state_every = True  # every param has every state key (False: a rule with _param_state_keys)
+        self.scratch: Any = None
         self.hyper: Any = None  # the rule's hyperparameter struct (rp_adam_hyper *, ...)
         self.run_opts: Any = None  # rp_run_opts *
         self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
@@ -370,6 +383,10 @@ class FusedOptimizer(Optimizer):
 
     # State key -> its dtype whatever the param's (uint8 codes, float32 scales), see the module doc.
     _FIXED_STATE_DTYPES: ClassVar[dict[str, torch.dtype]] = {}
+
+    # Not None: the rule runs the reduction phase, with this many floats of partials per
+    # reduction chunk (plus one per column of the param's last dim), see the module doc.
+    _REDUCE_SCALARS: ClassVar[int | None] = None
 
     def _param_state_keys(self, p: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
         """The state tensors of param p, in rp_tensor.state order (default: _state_keys(group))."""
@@ -772,6 +789,11 @@ class FusedOptimizer(Optimizer):
             t.master = ffi.cast("float *", _local_ptr(master)) if master is not None else ffi.NULL
             t.step = ffi.cast("float *", st["step"].data_ptr()) if self._HAS_STEP else ffi.NULL
             t.numel = views[0].numel()
+            shape = views[0].shape  # the stack of matrices the reduction phase sees: its last two dims
+            t.cols = shape[-1] if len(shape) >= 1 else 1
+            t.rows = shape[-2] if len(shape) >= 2 else 1
+            if len(shape) == 1:
+                t.rows, t.cols = t.numel, 1  # a vector: one column
             t.param_dtype = _DTYPE_CODES[views[0].dtype]
             t.fresh = plan.fresh[i]
             self._fill_tensor(t, ffi, p, st, plan.group)
@@ -781,6 +803,14 @@ class FusedOptimizer(Optimizer):
         plan.tensors, plan.chunks, plan.n_chunks = tensors, chunks, n_chunks
         plan.hyper = ffi.new(self._C_HYPER + " *")
         plan.run_opts = ffi.new("rp_run_opts *")
+        if self._REDUCE_SCALARS is not None:  # the reduction phase's chunks and scratch (zeroed)
+            n_scratch = ffi.new("int64_t *")
+            n_r = lib.rp_plan_rchunks(tensors, n, RCHUNK_ELEMS, self._REDUCE_SCALARS, ffi.NULL, 0, n_scratch)
+            plan.rchunks = ffi.new("rp_rchunk[]", max(n_r, 1))
+            lib.rp_plan_rchunks(tensors, n, RCHUNK_ELEMS, self._REDUCE_SCALARS, plan.rchunks, n_r, n_scratch)
+            plan.scratch = ffi.new("float[]", max(n_scratch[0], 1))
+            plan.run_opts.rchunks, plan.run_opts.n_rchunks = plan.rchunks, n_r
+            plan.run_opts.scratch, plan.run_opts.n_scratch = plan.scratch, n_scratch[0]
         plan.grad_ptrs = ffi.new("uintptr_t[]", max(n, 1))
 
     def _run(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
