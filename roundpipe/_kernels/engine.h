@@ -27,7 +27,11 @@ typedef struct {
     int32_t reserved;
     /* Per-tensor scalars, written by the rule's entry point once per step,
        before any thread starts (Adam: they depend on this tensor's step). */
-    float scalar[2];
+    float scalar[4];
+    /* The rule's 1-element extra state tensors (_extra_state, in its order;
+       dtype from _EXTRA_STATE_DTYPES), or NULL: per-param scalar state such
+       as NAdam's mu_product, updated by the rule's entry point before rp_run. */
+    void *aux[2];
 } rp_tensor;
 
 /* How one call runs: threads and GradScaler, the same for every rule. */

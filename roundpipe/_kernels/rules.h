@@ -14,6 +14,7 @@
  * with tail_start = numel - numel % V and scalar_start = numel - numel % 8.
  * With V = 8 the middle region is empty.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -43,4 +44,23 @@ static inline __attribute__((always_inline)) float rp_flip_sign(float x)
     u ^= 0x80000000u;
     memcpy(&x, &u, 4);
     return x;
+}
+
+/* torch's .sqrt() of a contiguous float tensor, element for element. Where
+   torch is built with MKL, its unary kernel calls MKL's vmsSqrt (VML_HA |
+   VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is not correctly rounded (about
+   one result in six is 1 ulp off sqrtf's); `vml` is then that function,
+   looked up in torch's own library (roundpipe/optim/_for_loop.py), else NULL
+   and torch's Vectorized sqrt is IEEE sqrt. Results do not depend on n or on
+   where a block starts (checked by tests/test_rules23.py). */
+typedef void (*rp_vml_fn)(int n, const float *a, float *r, unsigned long long mode);
+#define RP_VML_TORCH_MODE 0x140102ull /* VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE */
+
+static inline void rp_torch_sqrt(const void *vml, int64_t n, const float *restrict a, float *restrict r)
+{
+    if (vml) {
+        ((rp_vml_fn)vml)((int)n, a, r, RP_VML_TORCH_MODE);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) r[i] = sqrtf(a[i]);
 }

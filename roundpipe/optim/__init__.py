@@ -1,4 +1,4 @@
-"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad and Lion.
+"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad, NAdam, ASGD and Lion.
 
 Importing this package compiles (once per host, then cached) and loads the C
 kernels; see roundpipe._build.
@@ -9,8 +9,9 @@ from ._engine import FusedOptimizer, native_available
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .lion import Lion
+from .nadam import NAdam
 from .sgd import SGD
 
 _build.load_kernel()
 
-__all__ = ["Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "SGD", "native_available"]
+__all__ = ["Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "NAdam", "SGD", "native_available"]

@@ -1,0 +1,30 @@
+/* roundpipe's NAdam rule: its C interface, read by nadam.c and by cffi's
+ * cdef() after engine.h (plain declarations only, see there).
+ *
+ * rp_tensor.state for NAdam: exp_avg, exp_avg_sq; step is the `step` state
+ * tensor; aux[0] the float32 `mu_product` state tensor. rp_nadam_step writes,
+ * once per tensor per step: scalar[0] = the grad's addcdiv value,
+ * scalar[1] = exp_avg's, scalar[2] = (float)bias_correction2.
+ */
+
+/* The hyperparameters of one param group, as torch's NAdam takes them. */
+typedef struct {
+    double lr;
+    double beta1;
+    double beta2;
+    double eps;
+    double weight_decay;
+    double momentum_decay;
+    int32_t maximize;
+    int32_t decoupled_weight_decay;
+    int32_t lr_f32;                   /* lr is a float32 Tensor: torch's scalars are then
+                                         float32 tensor ops, each rounded to float */
+    int32_t reserved;
+    void *vml_sqrt;                   /* torch's float sqrt where it is MKL's vmsSqrt, else NULL
+                                         (rules.h, rp_torch_sqrt) */
+} rp_nadam_hyper;
+
+/* One NAdam step over a whole param group. Returns 1 if the step ran, 0 if it
+   was skipped because *run->found_inf is non-zero (nothing is touched then). */
+int rp_nadam_step(const rp_run_opts *run, const rp_nadam_hyper *hyper, rp_tensor *tensors,
+                  int64_t n_tensors, const rp_chunk *chunks, int64_t n_chunks);

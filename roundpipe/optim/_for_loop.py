@@ -1,0 +1,97 @@
+"""What the rules whose reference is torch's for-loop step (``foreach=False``) share.
+
+torch's fused CPU optimizers (Adam, SGD, Adagrad) take a Tensor ``lr`` as its value and
+divide grads by GradScaler's scale inside the kernel. Its for-loop rules (NAdam, ASGD, ...)
+do neither: GradScaler unscales their grads first, multiplying by ``1 / scale`` rounded to
+float, and a Tensor ``lr`` makes their per-step scalars float32 tensor ops, each rounded.
+These helpers carry that over, so both the C rules and their fallbacks match torch.
+
+torch's ``.sqrt()`` of a float tensor is MKL's ``vmsSqrt`` where torch is built with MKL:
+not correctly rounded, so a C rule that must match it calls the same function
+(``torch_sqrt_fn``; ``rp_torch_sqrt`` in ``_kernels/rules.h``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._engine import _GroupPlan, check_lr, check_number
+
+
+def lr_is_f32_tensor(group: dict[str, Any]) -> bool:
+    """True when lr is a float32 Tensor: torch's per-step scalars are then float32 tensor ops.
+    (A float64 Tensor lr computes as a Python float does; other dtypes are taken by value.)"""
+    lr = group["lr"]
+    return isinstance(lr, Tensor) and lr.dtype == torch.float32
+
+
+def check_lr_value(group: dict[str, Any], where: str) -> None:
+    """lr: a real number or a 1-element real Tensor, >= 0 (torch's checks and messages)."""
+    if isinstance(group["lr"], Tensor):
+        check_lr(group["lr"], where)  # torch's "Tensor lr must be 1-element" before the type check
+    check_number(group, "lr", where, tensor_ok=True)
+    check_lr(group["lr"], where)
+
+
+def check_betas(group: dict[str, Any], where: str) -> tuple[float, float]:
+    """A (beta1, beta2) pair of real numbers, each in [0, 1), with torch's messages."""
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2){where}, got {betas!r}")
+    pair = (check_number({"betas[0]": betas[0]}, "betas[0]", where),
+            check_number({"betas[1]": betas[1]}, "betas[1]", where))
+    for i, beta in enumerate(pair):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}{where}")
+    return pair
+
+
+def unscale_like_grad_scaler(grads: list[Tensor], grad_scale: Tensor | None) -> None:
+    """What GradScaler.unscale_ does to a for-loop optimizer's grads: grad * (1 / scale),
+    the reciprocal taken in double and rounded to float (the C rules do the same)."""
+    if grad_scale is not None:
+        inv = grad_scale.double().reciprocal().float()
+        for g in grads:
+            g.mul_(inv)
+
+
+def fallback_lists(plan: _GroupPlan, scalar_keys: tuple[str, ...]) -> list[list[Tensor]]:
+    """Each of scalar_keys (step, mu_product, ...) as a list over the plan's params."""
+    return [[st[k] for st in plan.states] for k in scalar_keys]
+
+
+# VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE: the mode torch's vml.h passes (rules.h: RP_VML_TORCH_MODE)
+_VML_TORCH_MODE = 0x140102
+
+
+@functools.cache
+def _torch_vml_sqrt() -> int:
+    """The address of MKL's vmsSqrt in torch's own library when torch's float sqrt gives its
+    bits (checked on a probe where MKL's results and IEEE sqrt differ), else 0."""
+    if not torch.backends.mkl.is_available():
+        return 0
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        fn = lib.vmsSqrt
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulonglong]
+    probe = torch.linspace(1.0, 4.0, 4099, dtype=torch.float32)
+    out = torch.zeros_like(probe)
+    fn(probe.numel(), probe.data_ptr(), out.data_ptr(), _VML_TORCH_MODE)
+    if not torch.equal(out.view(torch.int32), probe.sqrt().view(torch.int32)):
+        return 0  # torch's sqrt is not this function here: IEEE sqrt (the C default) is the guess
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
+def torch_sqrt_fn(ffi: Any) -> Any:
+    """For a rule's C struct: MKL's vmsSqrt when torch's float sqrt is it, else NULL (IEEE sqrtf)."""
+    address = _torch_vml_sqrt()
+    return ffi.cast("void *", address) if address else ffi.NULL
