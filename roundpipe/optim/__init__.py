@@ -8,10 +8,11 @@ from .. import _build
 from ._engine import FusedOptimizer, native_available
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .asgd import ASGD
 from .lion import Lion
 from .nadam import NAdam
 from .sgd import SGD
 
 _build.load_kernel()
 
-__all__ = ["Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "NAdam", "SGD", "native_available"]
+__all__ = ["ASGD", "Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "NAdam", "SGD", "native_available"]
