@@ -9,8 +9,9 @@
  * and mu = 1 / max(1, step - t0), each stored into its float32 tensor. The
  * choice between averaging and copying is made per tensor per step, from the
  * mu this step starts with. torch's elementwise kernels round their vector
- * body and scalar tail alike: no tail regions. Built with -ffp-contract=off:
- * every fused multiply-add is an explicit fmaf.
+ * body and scalar tail alike: no tail regions (but see rp_torch_neg). NaNs:
+ * rules.h (rp_nan_from) picks the one torch returns. Built with
+ * -ffp-contract=off: every fused multiply-add is an explicit fmaf.
  */
 #include <math.h>
 #include <stdint.h>
@@ -23,14 +24,16 @@ typedef struct {
     float weight_decay;
     float inv_scale;       /* GradScaler: (float)(1 / scale), as torch's unscale_ */
     int maximize, decay, unscale;
+    int64_t torch_vec;     /* torch's vector width in floats: where a complex tensor's tail starts */
 } asgd_consts;
 
 /* The ASGD update over n fp32 elements; decay = (float)(1 - lambd*eta),
-   neg_eta = -eta, mu: this tensor's scalars. average: mu != 1 (a
-   compile-time constant at each call, as is coupled: wd != 0). */
+   neg_eta = -eta, mu: this tensor's scalars; neg: how -grad negates (rules.h,
+   rp_torch_neg). coupled (wd != 0) and average (mu != 1) are compile-time
+   constants at each call. */
 static inline __attribute__((always_inline)) void asgd_elements(
     int64_t n, float *restrict p, float *restrict g, float *restrict ax, const asgd_consts *k,
-    float decay, float neg_eta, float mu, const int coupled, const int average)
+    float decay, float neg_eta, float mu, int neg, const int coupled, const int average)
 {
     const asgd_consts c = *k; /* locals: the compiler must see they don't alias */
     for (int64_t i = 0; i < n; i++) {
@@ -39,32 +42,45 @@ static inline __attribute__((always_inline)) void asgd_elements(
             gi = gi * c.inv_scale;
             g[i] = gi;
         }
-        if (c.maximize) gi = rp_flip_sign(gi);        /* -grad: flips a NaN's sign too */
+        gi = rp_torch_neg(gi, neg);                                     /* -grad (maximize) */
         float pi = p[i];
-        if (coupled) gi = fmaf(pi, c.weight_decay, gi); /* g.add(p, alpha=wd) */
-        pi = pi * decay;                               /* p.mul_(1 - lambd*eta) */
-        pi = fmaf(gi, neg_eta, pi);                    /* p.add_(g, alpha=-eta) */
+        if (coupled) gi = rp_nan_from(pi, fmaf(pi, c.weight_decay, gi)); /* g.add(p, alpha=wd) */
+        pi = pi * decay;                                                /* p.mul_(1 - lambd*eta) */
+        pi = rp_nan_from(gi, fmaf(gi, neg_eta, pi));                    /* p.add_(g, alpha=-eta) */
         p[i] = pi;
         if (average) {
-            const float d = (pi - ax[i]) * mu;         /* p.sub(ax).mul_(mu) */
-            ax[i] = ax[i] + d;                         /* ax.add_(...) */
+            const float a = ax[i];
+            const float d = rp_nan_from(a, pi - a) * mu;                /* p.sub(ax).mul_(mu) */
+            ax[i] = rp_nan_from(d, a + d);                              /* ax.add_(...) */
         } else {
-            ax[i] = pi;                                /* ax.copy_(p) */
+            ax[i] = pi;                                                 /* ax.copy_(p) */
         }
     }
+}
+
+static void asgd_span(int64_t n, float *p, float *g, float *ax, const asgd_consts *k, const rp_tensor *t, int neg)
+{
+    const float decay = t->scalar[0], neg_eta = t->scalar[1], mu = t->scalar[2];
+    const int average = mu != 1.0f; /* torch: mu.item() != 1 (NaN averages) */
+#define ASGD_CALL(CP, AV) asgd_elements(n, p, g, ax, k, decay, neg_eta, mu, neg, CP, AV)
+    if (k->decay) { if (average) ASGD_CALL(1, 1); else ASGD_CALL(1, 0); }
+    else { if (average) ASGD_CALL(0, 1); else ASGD_CALL(0, 0); }
+#undef ASGD_CALL
 }
 
 static void asgd_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p, float *g, float *const *s,
                          const void *ctx_)
 {
     const asgd_consts *k = ctx_;
-    const float decay = t->scalar[0], neg_eta = t->scalar[1], mu = t->scalar[2];
-    const int average = mu != 1.0f; /* torch: mu.item() != 1 (NaN averages) */
-    (void)first;
-#define ASGD_CALL(CP, AV) asgd_elements(n, p, g, s[0], k, decay, neg_eta, mu, CP, AV)
-    if (k->decay) { if (average) ASGD_CALL(1, 1); else ASGD_CALL(1, 0); }
-    else { if (average) ASGD_CALL(0, 1); else ASGD_CALL(0, 0); }
-#undef ASGD_CALL
+    if (!k->maximize) {
+        asgd_span(n, p, g, s[0], k, t, RP_NEG_NONE);
+        return;
+    }
+    /* a complex tensor (scalar[3]) negates by 0 - g in torch's vector body */
+    int64_t split = t->scalar[3] != 0.0f ? t->numel - t->numel % k->torch_vec - first : 0;
+    split = split < 0 ? 0 : split > n ? n : split;
+    asgd_span(split, p, g, s[0], k, t, RP_NEG_SUB);
+    asgd_span(n - split, p + split, g + split, s[0] + split, k, t, RP_NEG_FLIP);
 }
 
 static void asgd_chunk(const rp_tensor *t, int64_t begin, int64_t end, const void *ctx_)
@@ -116,6 +132,7 @@ int rp_asgd_step(const rp_run_opts *run, const rp_asgd_hyper *h, rp_tensor *tens
     k.maximize = h->maximize != 0;
     k.decay = h->weight_decay != 0.0;
     k.unscale = run->grad_scale != NULL;
+    k.torch_vec = run->torch_vec;
     k.inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
     rp_run(run, tensors, n_tensors, chunks, n_chunks, asgd_chunk, &k);
     return 1;

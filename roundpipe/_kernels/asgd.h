@@ -4,7 +4,8 @@
  * rp_tensor.state for ASGD: ax; step is the `step` state tensor; aux[0] and
  * aux[1] the float32 `eta` and `mu` state tensors. rp_asgd_step writes, once
  * per tensor per step, before updating eta and mu: scalar[0] = (float)(1 -
- * lambd*eta), scalar[1] = -eta, scalar[2] = mu (1: ax copies the param).
+ * lambd*eta), scalar[1] = -eta, scalar[2] = mu (1: ax copies the param);
+ * scalar[3] is 1 for a complex param (its real view), set once by the Python class.
  */
 
 /* The hyperparameters of one param group, as torch's ASGD takes them. */

@@ -14,7 +14,8 @@
  * times mu rounded to float), c1 = -lr (1 - mu) / (1 - mu_product) and
  * c2 = -lr mu_next / (1 - mu_product mu_next). torch's elementwise kernels
  * round their vector body and scalar tail alike, so no tail regions here.
- * A Python float scalar becomes a float before each op (scalar_t(x)).
+ * A Python float scalar becomes a float before each op (scalar_t(x)). NaNs:
+ * rules.h (rp_nan_from, rp_torch_neg) picks the one torch returns.
  * Built with -ffp-contract=off: every fused multiply-add is an explicit fmaf.
  */
 #include <math.h>
@@ -39,11 +40,12 @@ typedef struct {
 
 /* The NAdam update over n <= NADAM_BLOCK fp32 elements, in three loops because
    torch's sqrt may be MKL's (rules.h, rp_torch_sqrt); c1, c2, bc2: this
-   tensor's scalars. The flags are compile-time constants at each call. */
+   tensor's scalars; neg: how -grad negates (rules.h, rp_torch_neg). coupled,
+   decoupled and small_w are compile-time constants at each call. */
 static inline __attribute__((always_inline)) void nadam_block(
     int64_t n, float *restrict p, float *restrict g, float *restrict m, float *restrict v,
-    const nadam_consts *k, float c1, float c2, float bc2, const int coupled, const int decoupled,
-    const int small_w)
+    const nadam_consts *k, float c1, float c2, float bc2, int neg, const int coupled,
+    const int decoupled, const int small_w)
 {
     const nadam_consts c = *k; /* locals: the compiler must see they don't alias */
     float gd[NADAM_BLOCK] __attribute__((aligned(64)));  /* the grad after maximize and decay */
@@ -55,43 +57,38 @@ static inline __attribute__((always_inline)) void nadam_block(
             gi = gi * c.inv_scale;
             g[i] = gi;
         }
-        if (c.maximize) gi = rp_flip_sign(gi);                 /* -grad: flips a NaN's sign too */
+        gi = rp_torch_neg(gi, neg);                                     /* -grad (maximize) */
         float pi = p[i];
-        if (decoupled) p[i] = pi = pi * c.decay;               /* p.mul_(1 - lr*wd) */
-        if (coupled) gi = fmaf(pi, c.weight_decay, gi);        /* g.add(p, alpha=wd) */
+        if (decoupled) p[i] = pi = pi * c.decay;                        /* p.mul_(1 - lr*wd) */
+        if (coupled) gi = rp_nan_from(pi, fmaf(pi, c.weight_decay, gi)); /* g.add(p, alpha=wd) */
         const float mi = m[i], d = gi - mi;
         /* lerp_(g, w): torch's vector form, fmadd(w, g - m, m) or fmadd(w - 1, g - m, g) */
-        m[i] = small_w ? fmaf(c.w, d, mi) : fmaf(c.w_minus_one, d, gi);
-        float vi = v[i] * c.beta2;                             /* mul_(beta2) */
-        vi = fmaf(c.one_minus_beta2 * gi, gi, vi);             /* addcmul_: (s*g) rounded, then fused */
+        m[i] = rp_nan_from(gi, small_w ? fmaf(c.w, d, mi) : fmaf(c.w_minus_one, d, gi));
+        float vi = v[i] * c.beta2;                                      /* mul_(beta2) */
+        vi = rp_nan_from(gi, fmaf(c.one_minus_beta2 * gi, gi, vi));     /* addcmul_: (s*g) rounded, then fused */
         v[i] = vi;
-        q[i] = vi / bc2;                                       /* div(bias_correction2) */
+        q[i] = vi / bc2;                                                /* div(bias_correction2) */
         gd[i] = gi;
     }
-    rp_torch_sqrt(c.vml_sqrt, n, q, den);                      /* .sqrt() */
+    rp_torch_sqrt(c.vml_sqrt, n, q, den);                               /* .sqrt() */
     for (int64_t i = 0; i < n; i++) {
-        const float di = den[i] + c.eps;                       /* add_(eps) */
-        const float pi = p[i] + (c1 * gd[i]) / di;             /* addcdiv_(g, denom, value=c1) */
-        p[i] = pi + (c2 * m[i]) / di;                          /* addcdiv_(exp_avg, denom, value=c2) */
+        const float di = den[i] + c.eps;                                /* add_(eps) */
+        /* addcdiv_(x, denom, value=s): p + (s*x)/denom; divps keeps x's NaN over denom's */
+        const float a = (c1 * gd[i]) / di, b = (c2 * m[i]) / di;
+        const float pi = rp_nan_from(a, p[i] + a);                      /* value=c1, the grad */
+        p[i] = rp_nan_from(b, pi + b);                                  /* value=c2, exp_avg */
     }
 }
 
-typedef struct {
-    nadam_consts k;
-    int unscale;
-} nadam_ctx;
-
-static void nadam_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p, float *g, float *const *s,
-                          const void *ctx_)
+/* n elements of one tensor (any length), all negated the same way. */
+static void nadam_span(int64_t n, float *p, float *g, float *m, float *v, const nadam_consts *k,
+                       const rp_tensor *t, int neg)
 {
-    const nadam_ctx *ctx = ctx_;
-    const nadam_consts *k = &ctx->k;
     const float c1 = t->scalar[0], c2 = t->scalar[1], bc2 = t->scalar[2];
-    (void)first;
     for (int64_t b = 0; b < n; b += NADAM_BLOCK) {
         const int64_t len = n - b < NADAM_BLOCK ? n - b : NADAM_BLOCK;
-        float *pb = p + b, *gb = g + b, *mb = s[0] + b, *vb = s[1] + b;
-#define NADAM_CALL(CP, DC, SW) nadam_block(len, pb, gb, mb, vb, k, c1, c2, bc2, CP, DC, SW)
+        float *pb = p + b, *gb = g + b, *mb = m + b, *vb = v + b;
+#define NADAM_CALL(CP, DC, SW) nadam_block(len, pb, gb, mb, vb, k, c1, c2, bc2, neg, CP, DC, SW)
         if (k->small_w) {
             if (k->coupled) NADAM_CALL(1, 0, 1); else if (k->decoupled) NADAM_CALL(0, 1, 1); else NADAM_CALL(0, 0, 1);
         } else {
@@ -99,6 +96,28 @@ static void nadam_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p
         }
 #undef NADAM_CALL
     }
+}
+
+typedef struct {
+    nadam_consts k;
+    int unscale;
+    int64_t torch_vec;
+} nadam_ctx;
+
+static void nadam_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p, float *g, float *const *s,
+                          const void *ctx_)
+{
+    const nadam_ctx *ctx = ctx_;
+    const nadam_consts *k = &ctx->k;
+    if (!k->maximize) {
+        nadam_span(n, p, g, s[0], s[1], k, t, RP_NEG_NONE);
+        return;
+    }
+    /* a complex tensor (scalar[3]) negates by 0 - g in torch's vector body */
+    int64_t split = t->scalar[3] != 0.0f ? t->numel - t->numel % ctx->torch_vec - first : 0;
+    split = split < 0 ? 0 : split > n ? n : split;
+    nadam_span(split, p, g, s[0], s[1], k, t, RP_NEG_SUB);
+    nadam_span(n - split, p + split, g + split, s[0] + split, s[1] + split, k, t, RP_NEG_FLIP);
 }
 
 static void nadam_chunk(const rp_tensor *t, int64_t begin, int64_t end, const void *ctx_)
@@ -147,6 +166,7 @@ int rp_nadam_step(const rp_run_opts *run, const rp_nadam_hyper *h, rp_tensor *te
     k->coupled = h->weight_decay != 0.0 && !h->decoupled_weight_decay;
     k->decoupled = h->weight_decay != 0.0 && h->decoupled_weight_decay;
     k->unscale = ctx.unscale = run->grad_scale != NULL;
+    ctx.torch_vec = run->torch_vec;
     k->vml_sqrt = h->vml_sqrt;
     k->inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
     rp_run(run, tensors, n_tensors, chunks, n_chunks, nadam_chunk, &ctx);

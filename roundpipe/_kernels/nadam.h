@@ -4,7 +4,8 @@
  * rp_tensor.state for NAdam: exp_avg, exp_avg_sq; step is the `step` state
  * tensor; aux[0] the float32 `mu_product` state tensor. rp_nadam_step writes,
  * once per tensor per step: scalar[0] = the grad's addcdiv value,
- * scalar[1] = exp_avg's, scalar[2] = (float)bias_correction2.
+ * scalar[1] = exp_avg's, scalar[2] = (float)bias_correction2; scalar[3] is 1
+ * for a complex param (its real view), set once by the Python class.
  */
 
 /* The hyperparameters of one param group, as torch's NAdam takes them. */

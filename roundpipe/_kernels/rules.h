@@ -64,3 +64,28 @@ static inline void rp_torch_sqrt(const void *vml, int64_t n, const float *restri
     }
     for (int64_t i = 0; i < n; i++) r[i] = sqrtf(a[i]);
 }
+
+/* r, unless x is a NaN: then x, unchanged. torch's elementwise binary ops (add,
+   sub, mul, lerp, addcmul, addcdiv) return the NaN of their second tensor
+   operand when both operands are NaNs (addcdiv: tensor1's, then tensor2's,
+   then self's), in their vector body and scalar tail alike (measured with
+   distinct NaN payloads). GCC orders a commutative op's operands as it likes,
+   and x86 returns the first operand's NaN: rules pick the NaN explicitly. */
+static inline __attribute__((always_inline)) float rp_nan_from(float x, float r)
+{
+    return x != x ? x : r;
+}
+
+/* torch's -g, element i of a tensor whose torch vector body ends at tail_start
+   (rp_regions): a sign flip for real tensors and in a complex tensor's scalar
+   tail, but 0 - g in a complex tensor's vector body (Vectorized<complex>::neg),
+   which keeps a NaN's sign and turns -0 into +0. How each element negates is
+   decided per span by the rule (negate_mode below), not per element. */
+enum { RP_NEG_NONE = 0, RP_NEG_FLIP = 1, RP_NEG_SUB = 2 };
+
+static inline __attribute__((always_inline)) float rp_torch_neg(float g, int mode)
+{
+    if (mode == RP_NEG_FLIP) return rp_flip_sign(g);
+    if (mode == RP_NEG_SUB) return 0.0f - g;
+    return g;
+}

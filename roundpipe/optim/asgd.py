@@ -9,7 +9,15 @@ from torch import Tensor
 from torch.optim.asgd import _single_tensor_asgd
 from torch.optim.optimizer import ParamsT
 
-from ._engine import _REAL_DTYPES, FusedOptimizer, _GroupPlan, _scalar, check_number, fp32_working_set
+from ._engine import (
+    _REAL_DTYPES,
+    FusedOptimizer,
+    _GroupPlan,
+    _scalar,
+    check_number,
+    fp32_working_set,
+    torch_dispatch_vec,
+)
 from ._for_loop import check_lr_value, fallback_lists, lr_is_f32_tensor, torch_sqrt_fn, unscale_like_grad_scaler
 
 __all__ = ["ASGD"]
@@ -61,6 +69,7 @@ class ASGD(FusedOptimizer):
     _C_STEP = "rp_asgd_step"
     _C_HYPER = "rp_asgd_hyper"
     _PARAM_DTYPES = (*_REAL_DTYPES, torch.complex64)
+    _TORCH_VEC = torch_dispatch_vec()  # where a complex tensor's vector body ends (rules.h, rp_torch_neg)
     _TORCH_FUSED = False  # torch's ASGD has no fused argument
     _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
         "foreach": None, "maximize": False, "differentiable": False, "capturable": False, "master_weights": False,
@@ -111,6 +120,9 @@ class ASGD(FusedOptimizer):
             "mu": torch.ones((), dtype=torch.float32),
             "ax": torch.zeros_like(p, dtype=dtypes["ax"], memory_format=torch.contiguous_format),
         }
+
+    def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        t.scalar[3] = 1.0 if p.is_complex() else 0.0  # torch negates a complex grad its own way
 
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
         h.lr = _scalar(group["lr"])

@@ -9,7 +9,15 @@ from torch import Tensor
 from torch.optim.nadam import _single_tensor_nadam
 from torch.optim.optimizer import ParamsT
 
-from ._engine import _REAL_DTYPES, FusedOptimizer, _GroupPlan, _scalar, check_number, fp32_working_set
+from ._engine import (
+    _REAL_DTYPES,
+    FusedOptimizer,
+    _GroupPlan,
+    _scalar,
+    check_number,
+    fp32_working_set,
+    torch_dispatch_vec,
+)
 from ._for_loop import check_betas, check_lr_value, fallback_lists, lr_is_f32_tensor, torch_sqrt_fn, unscale_like_grad_scaler
 
 __all__ = ["NAdam"]
@@ -67,6 +75,7 @@ class NAdam(FusedOptimizer):
     _C_STEP = "rp_nadam_step"
     _C_HYPER = "rp_nadam_hyper"
     _PARAM_DTYPES = (*_REAL_DTYPES, torch.complex64)
+    _TORCH_VEC = torch_dispatch_vec()  # where a complex tensor's vector body ends (rules.h, rp_torch_neg)
     _TORCH_FUSED = False  # torch's NAdam has no fused argument
     _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
         "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
@@ -119,6 +128,9 @@ class NAdam(FusedOptimizer):
         for key, dtype in dtypes.items():
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         return state
+
+    def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        t.scalar[3] = 1.0 if p.is_complex() else 0.0  # torch negates a complex grad its own way
 
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
