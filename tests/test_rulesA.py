@@ -212,7 +212,7 @@ def test_16bit_params_are_the_fp32_step_rounded_once(rule, dtype):
         opt.step()
         with torch.no_grad():  # round the reference's param and param-shaped state as 16-bit storage does
             ref_p.copy_(ref_p.to(dtype).float())
-            for k, t in ref.state[ref_p].items():
+            for t in ref.state[ref_p].values():
                 if t.dim():
                     t.copy_(t.to(dtype).float())
     assert_bits_equal(p, ref_p.detach().to(dtype), "param")

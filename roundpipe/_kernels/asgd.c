@@ -37,14 +37,9 @@ static inline __attribute__((always_inline)) void asgd_elements(
 {
     const asgd_consts c = *k; /* locals: the compiler must see they don't alias */
     for (int64_t i = 0; i < n; i++) {
-        float gi = g[i];
-        if (c.unscale) { /* GradScaler's unscale_: grad * inv_scale, in place */
-            gi = gi * c.inv_scale;
-            g[i] = gi;
-        }
-        gi = rp_torch_neg(gi, neg);                                     /* -grad (maximize) */
+        float gi = rp_loop_grad(g, i, c.unscale, c.inv_scale, neg);   /* unscale_, then -grad */
         float pi = p[i];
-        if (coupled) gi = rp_nan_from(pi, fmaf(pi, c.weight_decay, gi)); /* g.add(p, alpha=wd) */
+        if (coupled) gi = rp_coupled_decay(gi, pi, c.weight_decay);    /* g.add(p, alpha=wd) */
         pi = pi * decay;                                                /* p.mul_(1 - lambd*eta) */
         pi = rp_nan_from(gi, fmaf(gi, neg_eta, pi));                    /* p.add_(g, alpha=-eta) */
         p[i] = pi;
@@ -77,8 +72,7 @@ static void asgd_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p,
         return;
     }
     /* a complex tensor (scalar[3]) negates by 0 - g in torch's vector body */
-    int64_t split = t->scalar[3] != 0.0f ? t->numel - t->numel % k->torch_vec - first : 0;
-    split = split < 0 ? 0 : split > n ? n : split;
+    const int64_t split = rp_neg_sub_count(t->scalar[3] != 0.0f, t->numel - t->numel % k->torch_vec, first, n);
     asgd_span(split, p, g, s[0], k, t, RP_NEG_SUB);
     asgd_span(n - split, p + split, g + split, s[0] + split, k, t, RP_NEG_FLIP);
 }

@@ -52,15 +52,10 @@ static inline __attribute__((always_inline)) void nadam_block(
     float q[NADAM_BLOCK] __attribute__((aligned(64)));   /* exp_avg_sq / bias_correction2 */
     float den[NADAM_BLOCK] __attribute__((aligned(64))); /* its sqrt */
     for (int64_t i = 0; i < n; i++) {
-        float gi = g[i];
-        if (c.unscale) { /* GradScaler's unscale_: grad * inv_scale, in place */
-            gi = gi * c.inv_scale;
-            g[i] = gi;
-        }
-        gi = rp_torch_neg(gi, neg);                                     /* -grad (maximize) */
+        float gi = rp_loop_grad(g, i, c.unscale, c.inv_scale, neg);   /* unscale_, then -grad */
         float pi = p[i];
         if (decoupled) p[i] = pi = pi * c.decay;                        /* p.mul_(1 - lr*wd) */
-        if (coupled) gi = rp_nan_from(pi, fmaf(pi, c.weight_decay, gi)); /* g.add(p, alpha=wd) */
+        if (coupled) gi = rp_coupled_decay(gi, pi, c.weight_decay);    /* g.add(p, alpha=wd) */
         const float mi = m[i], d = gi - mi;
         /* lerp_(g, w): torch's vector form, fmadd(w, g - m, m) or fmadd(w - 1, g - m, g) */
         m[i] = rp_nan_from(gi, small_w ? fmaf(c.w, d, mi) : fmaf(c.w_minus_one, d, gi));
@@ -114,8 +109,7 @@ static void nadam_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p
         return;
     }
     /* a complex tensor (scalar[3]) negates by 0 - g in torch's vector body */
-    int64_t split = t->scalar[3] != 0.0f ? t->numel - t->numel % ctx->torch_vec - first : 0;
-    split = split < 0 ? 0 : split > n ? n : split;
+    const int64_t split = rp_neg_sub_count(t->scalar[3] != 0.0f, t->numel - t->numel % ctx->torch_vec, first, n);
     nadam_span(split, p, g, s[0], s[1], k, t, RP_NEG_SUB);
     nadam_span(n - split, p + split, g + split, s[0] + split, s[1] + split, k, t, RP_NEG_FLIP);
 }

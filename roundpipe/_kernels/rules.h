@@ -89,3 +89,32 @@ static inline __attribute__((always_inline)) float rp_torch_neg(float g, int mod
     if (mode == RP_NEG_SUB) return 0.0f - g;
     return g;
 }
+
+/* Element i's grad in a rule whose reference is torch's for-loop step: GradScaler's
+   unscale_ first (g * inv_scale, stored back, as GradScaler does before torch's
+   step), then torch's -g for maximize (neg: rp_torch_neg's mode). */
+static inline __attribute__((always_inline)) float rp_loop_grad(float *g, int64_t i, int unscale,
+                                                                float inv_scale, int neg)
+{
+    float gi = g[i];
+    if (unscale) {
+        gi = gi * inv_scale;
+        g[i] = gi;
+    }
+    return rp_torch_neg(gi, neg);
+}
+
+/* torch's g.add(p, alpha=wd): one rounding, and p's NaN before g's. */
+static inline __attribute__((always_inline)) float rp_coupled_decay(float g, float p, float wd)
+{
+    return rp_nan_from(p, fmaf(p, wd, g));
+}
+
+/* With maximize, how many of the n elements from `first` on negate as torch's
+   complex vector body does (RP_NEG_SUB); the rest flip their sign. 0 for a
+   real tensor. numel, tail_start: the tensor's, in floats (rp_regions). */
+static inline int64_t rp_neg_sub_count(int is_complex, int64_t tail_start, int64_t first, int64_t n)
+{
+    const int64_t k = is_complex ? tail_start - first : 0;
+    return k < 0 ? 0 : k > n ? n : k;
+}

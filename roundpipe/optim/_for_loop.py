@@ -16,12 +16,22 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from ._engine import _GroupPlan, check_lr, check_number
+from ._engine import (
+    _REAL_DTYPES,
+    FusedOptimizer,
+    _GroupPlan,
+    _scalar,
+    check_lr,
+    check_number,
+    fp32_working_set,
+    torch_dispatch_vec,
+)
 
 
 def lr_is_f32_tensor(group: dict[str, Any]) -> bool:
@@ -61,11 +71,6 @@ def unscale_like_grad_scaler(grads: list[Tensor], grad_scale: Tensor | None) -> 
             g.mul_(inv)
 
 
-def fallback_lists(plan: _GroupPlan, scalar_keys: tuple[str, ...]) -> list[list[Tensor]]:
-    """Each of scalar_keys (step, mu_product, ...) as a list over the plan's params."""
-    return [[st[k] for st in plan.states] for k in scalar_keys]
-
-
 # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE: the mode torch's vml.h passes (rules.h: RP_VML_TORCH_MODE)
 _VML_TORCH_MODE = 0x140102
 
@@ -95,3 +100,35 @@ def torch_sqrt_fn(ffi: Any) -> Any:
     """For a rule's C struct: MKL's vmsSqrt when torch's float sqrt is it, else NULL (IEEE sqrtf)."""
     address = _torch_vml_sqrt()
     return ffi.cast("void *", address) if address else ffi.NULL
+
+
+class ForLoopRule(FusedOptimizer):
+    """What a rule whose reference is torch's for-loop step adds to the engine: complex params
+    stepped as their real view (with torch's -grad of a complex tensor: rules.h, rp_torch_neg,
+    told by rp_tensor.scalar[3]), no ``fused`` argument, the group's lr, maximize and torch's
+    sqrt in its C struct, and a fallback through torch's own single-tensor function."""
+
+    _PARAM_DTYPES = (*_REAL_DTYPES, torch.complex64)
+    _TORCH_VEC = torch_dispatch_vec()  # where a complex tensor's vector body ends (rules.h, rp_torch_neg)
+    _TORCH_FUSED = False  # these torch classes have no fused argument
+
+    def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        t.scalar[3] = 1.0 if p.is_complex() else 0.0  # the rule's entry point leaves scalar[3] alone
+
+    def _fill_loop_hyper(self, h: Any, group: dict[str, Any]) -> None:
+        """The fields every for-loop rule's C struct has: lr, lr_f32, maximize, vml_sqrt."""
+        h.lr = _scalar(group["lr"])
+        h.lr_f32 = lr_is_f32_tensor(group)
+        h.maximize = bool(group["maximize"])
+        h.vml_sqrt = torch_sqrt_fn(cast(Any, self._kernel).ffi)
+
+    def _loop_fallback(self, plan: _GroupPlan, grad_scale: Tensor | None, keys: tuple[str, ...],
+                       scalar_keys: tuple[str, ...], step: Callable[..., None]) -> None:
+        """step(params, grads, *states, *scalars): torch's single-tensor function on fp32 (real views
+        of complex, working copies of 16-bit tensors, masters), after GradScaler's unscale."""
+        params, grads, states, back = fp32_working_set(plan, keys, grad_scale is not None)
+        unscale_like_grad_scaler(grads, grad_scale)
+        scalars = [[st[k] for st in plan.states] for k in scalar_keys]
+        step(params, grads, *states, *scalars)
+        for dst, src in back:
+            dst.copy_(src)

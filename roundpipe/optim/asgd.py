@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+import functools
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim.asgd import _single_tensor_asgd
 from torch.optim.optimizer import ParamsT
 
-from ._engine import (
-    _REAL_DTYPES,
-    FusedOptimizer,
-    _GroupPlan,
-    _scalar,
-    check_number,
-    fp32_working_set,
-    torch_dispatch_vec,
-)
-from ._for_loop import check_lr_value, fallback_lists, lr_is_f32_tensor, torch_sqrt_fn, unscale_like_grad_scaler
+from ._engine import _GroupPlan, _scalar, check_number
+from ._for_loop import ForLoopRule, check_lr_value
 
 __all__ = ["ASGD"]
 
 
-class ASGD(FusedOptimizer):
+class ASGD(ForLoopRule):
     r"""Averaged stochastic gradient descent on the CPU, in one compiled pass per param group;
     a drop-in for ``torch.optim.ASGD``.
 
@@ -68,9 +61,6 @@ class ASGD(FusedOptimizer):
     _NAME = "ASGD"
     _C_STEP = "rp_asgd_step"
     _C_HYPER = "rp_asgd_hyper"
-    _PARAM_DTYPES = (*_REAL_DTYPES, torch.complex64)
-    _TORCH_VEC = torch_dispatch_vec()  # where a complex tensor's vector body ends (rules.h, rp_torch_neg)
-    _TORCH_FUSED = False  # torch's ASGD has no fused argument
     _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
         "foreach": None, "maximize": False, "differentiable": False, "capturable": False, "master_weights": False,
     }
@@ -121,29 +111,17 @@ class ASGD(FusedOptimizer):
             "ax": torch.zeros_like(p, dtype=dtypes["ax"], memory_format=torch.contiguous_format),
         }
 
-    def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
-        t.scalar[3] = 1.0 if p.is_complex() else 0.0  # torch negates a complex grad its own way
-
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
-        h.lr = _scalar(group["lr"])
-        h.lr_f32 = lr_is_f32_tensor(group)
+        self._fill_loop_hyper(h, group)
         h.lambd = group["lambd"]
         h.alpha = group["alpha"]
         h.t0 = group["t0"]
         h.weight_decay = group["weight_decay"]
-        h.maximize = bool(group["maximize"])
-        h.vml_sqrt = torch_sqrt_fn(cast(Any, self._kernel).ffi)
 
     def _fallback_step(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """torch's own for-loop ASGD on fp32 (real views of complex, working copies of 16-bit tensors)."""
+        """torch's own for-loop ASGD (``_single_tensor_asgd``) on the fp32 working set."""
         group = plan.group
-        params, grads, (axs,), back = fp32_working_set(plan, ("ax",), grad_scale is not None)
-        unscale_like_grad_scaler(grads, grad_scale)
-        steps, etas, mus = fallback_lists(plan, ("step", "eta", "mu"))
-        _single_tensor_asgd(
-            params, grads, axs, mus, etas, steps, lambd=group["lambd"], lr=group["lr"], t0=group["t0"],
-            alpha=group["alpha"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-            differentiable=False, capturable=False, has_complex=False,
-        )
-        for dst, src in back:
-            dst.copy_(src)
+        self._loop_fallback(plan, grad_scale, ("ax",), ("mu", "eta", "step"), functools.partial(
+            _single_tensor_asgd, lambd=group["lambd"], lr=group["lr"], t0=group["t0"], alpha=group["alpha"],
+            weight_decay=group["weight_decay"], maximize=group["maximize"], differentiable=False,
+            capturable=False, has_complex=False))

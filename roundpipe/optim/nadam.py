@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+import functools
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim.nadam import _single_tensor_nadam
 from torch.optim.optimizer import ParamsT
 
-from ._engine import (
-    _REAL_DTYPES,
-    FusedOptimizer,
-    _GroupPlan,
-    _scalar,
-    check_number,
-    fp32_working_set,
-    torch_dispatch_vec,
-)
-from ._for_loop import check_betas, check_lr_value, fallback_lists, lr_is_f32_tensor, torch_sqrt_fn, unscale_like_grad_scaler
+from ._engine import _GroupPlan, check_number
+from ._for_loop import ForLoopRule, check_betas, check_lr_value
 
 __all__ = ["NAdam"]
 
 
-class NAdam(FusedOptimizer):
+class NAdam(ForLoopRule):
     r"""NAdam (Adam with Nesterov momentum) on the CPU, in one compiled pass per param group;
     a drop-in for ``torch.optim.NAdam``.
 
@@ -74,9 +67,6 @@ class NAdam(FusedOptimizer):
     _NAME = "NAdam"
     _C_STEP = "rp_nadam_step"
     _C_HYPER = "rp_nadam_hyper"
-    _PARAM_DTYPES = (*_REAL_DTYPES, torch.complex64)
-    _TORCH_VEC = torch_dispatch_vec()  # where a complex tensor's vector body ends (rules.h, rp_torch_neg)
-    _TORCH_FUSED = False  # torch's NAdam has no fused argument
     _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
         "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
         "decoupled_weight_decay": False, "master_weights": False,
@@ -129,34 +119,22 @@ class NAdam(FusedOptimizer):
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         return state
 
-    def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
-        t.scalar[3] = 1.0 if p.is_complex() else 0.0  # torch negates a complex grad its own way
-
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
-        h.lr = _scalar(group["lr"])
-        h.lr_f32 = lr_is_f32_tensor(group)
+        self._fill_loop_hyper(h, group)
         h.beta1 = beta1
         h.beta2 = beta2
         h.eps = group["eps"]
         h.weight_decay = group["weight_decay"]
         h.momentum_decay = group["momentum_decay"]
-        h.maximize = bool(group["maximize"])
         h.decoupled_weight_decay = bool(group["decoupled_weight_decay"])
-        h.vml_sqrt = torch_sqrt_fn(cast(Any, self._kernel).ffi)
 
     def _fallback_step(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """torch's own for-loop NAdam on fp32 (real views of complex, working copies of 16-bit tensors)."""
+        """torch's own for-loop NAdam (``_single_tensor_nadam``) on the fp32 working set."""
         group = plan.group
-        params, grads, (avgs, avg_sqs), back = fp32_working_set(plan, ("exp_avg", "exp_avg_sq"), grad_scale is not None)
-        unscale_like_grad_scaler(grads, grad_scale)
-        steps, mu_products = fallback_lists(plan, ("step", "mu_product"))
         beta1, beta2 = group["betas"]
-        _single_tensor_nadam(
-            params, grads, avgs, avg_sqs, mu_products, steps, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], momentum_decay=group["momentum_decay"], eps=group["eps"],
+        self._loop_fallback(plan, grad_scale, ("exp_avg", "exp_avg_sq"), ("mu_product", "step"), functools.partial(
+            _single_tensor_nadam, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            momentum_decay=group["momentum_decay"], eps=group["eps"],
             decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"],
-            capturable=False, differentiable=False, has_complex=False,
-        )
-        for dst, src in back:
-            dst.copy_(src)
+            capturable=False, differentiable=False, has_complex=False))
