@@ -86,10 +86,10 @@ static void asgd_chunk(const rp_tensor *t, int64_t begin, int64_t end, const voi
 /* torch's x ** alpha for a 0-dim float32 tensor x (pow_tensor_scalar_kernel):
    sqrt, 1/sqrt and 1/x for 0.5, -0.5 and -1, products for 2, 3 and -2, else
    std::pow in float. */
-static float asgd_torch_powf(const void *vml_sqrt, float x, double alpha)
+static float asgd_torch_powf(const void *vml_sqrt, int sqrt_how, float x, double alpha)
 {
     float r;
-    if (alpha == 0.5) { rp_torch_sqrt(vml_sqrt, 1, &x, &r); return r; }
+    if (alpha == 0.5) { rp_torch_sqrt(vml_sqrt, sqrt_how, 1, &x, &r); return r; }
     if (alpha == -0.5) return 1.0f / sqrtf(x);
     if (alpha == -1.0) return 1.0f / x;
     if (alpha == 2.0) return x * x;
@@ -115,7 +115,7 @@ int rp_asgd_step(const rp_run_opts *run, const rp_asgd_hyper *h, rp_tensor *tens
         t->scalar[2] = *mu;
         const double step = step_f;
         if (h->lr_f32) /* lr / ((1 + lambd*lr*step) ** alpha) as float32 tensor ops */
-            *eta = lr_f / asgd_torch_powf(h->vml_sqrt, 1.0f + ((float)h->lambd * lr_f) * (float)step, h->alpha);
+            *eta = lr_f / asgd_torch_powf(h->vml_sqrt, h->sqrt_how, 1.0f + ((float)h->lambd * lr_f) * (float)step, h->alpha);
         else
             *eta = (float)(lr / pow(1.0 + h->lambd * lr * step, h->alpha));
         const double since = step - h->t0;

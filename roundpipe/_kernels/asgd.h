@@ -18,8 +18,9 @@ typedef struct {
     int32_t maximize;
     int32_t lr_f32;                   /* lr is a float32 Tensor: the new eta is then
                                          float32 tensor ops, each rounded to float */
-    void *vml_sqrt;                   /* torch's float sqrt where it is MKL's vmsSqrt, else NULL
-                                         (rules.h, rp_torch_sqrt): alpha = 0.5 with a Tensor lr */
+    int32_t sqrt_how;                 /* which sqrt torch's is (rules.h, rp_torch_sqrt): */
+    int32_t reserved;                 /* alpha = 0.5 with a Tensor lr takes it             */
+    void *vml_sqrt;                   /* MKL's vmsSqrt where torch's sqrt is it, else NULL */
 } rp_asgd_hyper;
 
 /* One ASGD step over a whole param group. Returns 1 if the step ran, 0 if it

@@ -32,6 +32,7 @@ typedef struct {
     float decay;            /* (float)(1 - lr*wd): decoupled weight decay            */
     float inv_scale;        /* GradScaler: (float)(1 / scale), as torch's unscale_     */
     const void *vml_sqrt;   /* torch's sqrt (rules.h, rp_torch_sqrt): MKL's, or NULL    */
+    int sqrt_how;
     int small_w;            /* |w| < 0.5: torch's lerp takes its first form             */
     int maximize, coupled, decoupled, unscale;
 } nadam_consts;
@@ -65,7 +66,7 @@ static inline __attribute__((always_inline)) void nadam_block(
         q[i] = vi / bc2;                                                /* div(bias_correction2) */
         gd[i] = gi;
     }
-    rp_torch_sqrt(c.vml_sqrt, n, q, den);                               /* .sqrt() */
+    rp_torch_sqrt(c.vml_sqrt, c.sqrt_how, n, q, den);                               /* .sqrt() */
     for (int64_t i = 0; i < n; i++) {
         const float di = den[i] + c.eps;                                /* add_(eps) */
         /* addcdiv_(x, denom, value=s): p + (s*x)/denom; divps keeps x's NaN over denom's */
@@ -162,7 +163,13 @@ int rp_nadam_step(const rp_run_opts *run, const rp_nadam_hyper *h, rp_tensor *te
     k->unscale = ctx.unscale = run->grad_scale != NULL;
     ctx.torch_vec = run->torch_vec;
     k->vml_sqrt = h->vml_sqrt;
+    k->sqrt_how = h->sqrt_how;
     k->inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
     rp_run(run, tensors, n_tensors, chunks, n_chunks, nadam_chunk, &ctx);
     return 1;
+}
+
+void rp_loop_torch_sqrt(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n)
+{
+    rp_torch_sqrt(vml_sqrt, how, n, a, r);
 }

@@ -20,12 +20,15 @@ typedef struct {
     int32_t decoupled_weight_decay;
     int32_t lr_f32;                   /* lr is a float32 Tensor: torch's scalars are then
                                          float32 tensor ops, each rounded to float */
-    int32_t reserved;
-    void *vml_sqrt;                   /* torch's float sqrt where it is MKL's vmsSqrt, else NULL
-                                         (rules.h, rp_torch_sqrt) */
+    int32_t sqrt_how;                 /* which sqrt torch's is (rules.h, rp_torch_sqrt) */
+    void *vml_sqrt;                   /* MKL's vmsSqrt where torch's sqrt is it, else NULL */
 } rp_nadam_hyper;
 
 /* One NAdam step over a whole param group. Returns 1 if the step ran, 0 if it
    was skipped because *run->found_inf is non-zero (nothing is touched then). */
 int rp_nadam_step(const rp_run_opts *run, const rp_nadam_hyper *hyper, rp_tensor *tensors,
                   int64_t n_tensors, const rp_chunk *chunks, int64_t n_chunks);
+
+/* torch's float sqrt as the for-loop rules compute it (rules.h, rp_torch_sqrt),
+   for roundpipe/optim/_for_loop.py to check `how` against torch.sqrt once. */
+void rp_loop_torch_sqrt(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n);

@@ -7,8 +7,8 @@ float, and a Tensor ``lr`` makes their per-step scalars float32 tensor ops, each
 These helpers carry that over, so both the C rules and their fallbacks match torch.
 
 torch's ``.sqrt()`` of a float tensor is MKL's ``vmsSqrt`` where torch is built with MKL:
-not correctly rounded, so a C rule that must match it calls the same function
-(``torch_sqrt_fn``; ``rp_torch_sqrt`` in ``_kernels/rules.h``).
+not correctly rounded, so a C rule that must match it computes the same bits
+(``fill_torch_sqrt``; ``rp_torch_sqrt`` in ``_kernels/rules.h``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import ctypes
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -73,33 +73,59 @@ def unscale_like_grad_scaler(grads: list[Tensor], grad_scale: Tensor | None) -> 
 
 # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE: the mode torch's vml.h passes (rules.h: RP_VML_TORCH_MODE)
 _VML_TORCH_MODE = 0x140102
+_SQRT_IEEE, _SQRT_MKL_Z0, _SQRT_MKL_L9, _SQRT_MKL_H8, _SQRT_CALL = 0, 1, 2, 3, 4  # rules.h: RP_SQRT_*
 
 
-@functools.cache
-def _torch_vml_sqrt() -> int:
-    """The address of MKL's vmsSqrt in torch's own library when torch's float sqrt gives its
-    bits (checked on a probe where MKL's results and IEEE sqrt differ), else 0."""
+def _sqrt_probe() -> Tensor:
+    """Values where MKL's sqrt and IEEE sqrt differ, over every exponent, with denormals and specials."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8192, generator=gen) * torch.exp2(torch.randint(-149, 128, (8192,), generator=gen).float())
+    specials = [0.0, -0.0, 1e-45, 1e-40, -1e-40, -1.0, float("inf"), float("-inf"), float("nan"), 3e38]
+    return torch.cat([torch.linspace(1.0, 4.0, 4099), x, torch.tensor(specials)]).contiguous()
+
+
+def _vml_sqrt_address() -> int:
+    """MKL's vmsSqrt in torch's own library when torch's float sqrt gives its bits on the probe, else 0."""
     if not torch.backends.mkl.is_available():
         return 0
     try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        fn = lib.vmsSqrt
+        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).vmsSqrt
     except (OSError, AttributeError):
         return 0
     fn.restype = None
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulonglong]
-    probe = torch.linspace(1.0, 4.0, 4099, dtype=torch.float32)
+    probe = _sqrt_probe()
     out = torch.zeros_like(probe)
     fn(probe.numel(), probe.data_ptr(), out.data_ptr(), _VML_TORCH_MODE)
     if not torch.equal(out.view(torch.int32), probe.sqrt().view(torch.int32)):
-        return 0  # torch's sqrt is not this function here: IEEE sqrt (the C default) is the guess
+        return 0
     return ctypes.cast(fn, ctypes.c_void_p).value or 0
 
 
-def torch_sqrt_fn(ffi: Any) -> Any:
-    """For a rule's C struct: MKL's vmsSqrt when torch's float sqrt is it, else NULL (IEEE sqrtf)."""
-    address = _torch_vml_sqrt()
-    return ffi.cast("void *", address) if address else ffi.NULL
+@functools.cache
+def _torch_sqrt(kernel: Any) -> tuple[int, int]:
+    """(how, vmsSqrt's address): how torch's float sqrt is computed here (rules.h, rp_torch_sqrt).
+    MKL's AVX-512 kernel inline where our copy of it gives torch's bits on the probe; else a call
+    of vmsSqrt where torch's sqrt is it; else IEEE sqrtf."""
+    address = _vml_sqrt_address()
+    if not address:
+        return _SQRT_IEEE, 0
+    probe = _sqrt_probe()
+    ffi = kernel.ffi
+    for how in (_SQRT_MKL_Z0, _SQRT_MKL_L9, _SQRT_MKL_H8):  # the first MKL kernel our copy of gives torch's bits
+        out = torch.zeros_like(probe)
+        kernel.lib.rp_loop_torch_sqrt(how, ffi.cast("void *", address), ffi.cast("float *", probe.data_ptr()),
+                                      ffi.cast("float *", out.data_ptr()), probe.numel())
+        if torch.equal(out.view(torch.int32), probe.sqrt().view(torch.int32)):
+            return how, address
+    return _SQRT_CALL, address
+
+
+def fill_torch_sqrt(h: Any, kernel: Any) -> None:
+    """Set a rule's C struct's sqrt_how and vml_sqrt (rules.h, rp_torch_sqrt)."""
+    how, address = _torch_sqrt(kernel)
+    h.sqrt_how = how
+    h.vml_sqrt = kernel.ffi.cast("void *", address) if address else kernel.ffi.NULL
 
 
 class ForLoopRule(FusedOptimizer):
@@ -120,7 +146,7 @@ class ForLoopRule(FusedOptimizer):
         h.lr = _scalar(group["lr"])
         h.lr_f32 = lr_is_f32_tensor(group)
         h.maximize = bool(group["maximize"])
-        h.vml_sqrt = torch_sqrt_fn(cast(Any, self._kernel).ffi)
+        fill_torch_sqrt(h, self._kernel)
 
     def _loop_fallback(self, plan: _GroupPlan, grad_scale: Tensor | None, keys: tuple[str, ...],
                        scalar_keys: tuple[str, ...], step: Callable[..., None]) -> None:
