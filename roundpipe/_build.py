@@ -1,13 +1,18 @@
-"""Build, cache and load the C kernel. The only module that knows about cffi.
+"""Build, cache and load the C kernels. The only module that knows about cffi.
 
-The kernel (``_kernels/adam.c``) is compiled for the exact host CPU the first
-time it is needed, and the result is cached in a directory named by a hash of
-everything that affects the binary (the cache *key*):
+The kernels (``_kernels/engine.c`` and one ``NAME.c`` per update rule) are compiled
+for the exact host CPU the first time they are needed, and the result is cached in a
+directory named by a hash of everything that affects the binary (the cache *key*).
+An optimizer needs only the engine and its own rule: its first construction builds
+that pair as a module of its own (``load_kernel("sgd")``), so a cold first step
+compiles two C files, however many rules there are. ``python -m roundpipe build``
+(and ``native_available()``) build the module of every rule, which then serves
+every optimizer. The key covers:
 
 * the CPU feature flags (``/proc/cpuinfo``; elsewhere the compiler's
   ``-march=native`` macros) and the machine type,
 * the compiler command and its ``--version`` banner, the compile and link flags,
-* the kernel source and its cdef,
+* the kernel source and its cdef (every header, and the module's C files),
 * the Python ABI tag, the cffi version and the OpenMP runtime linked against,
 * ``CACHE_VERSION``, bumped to invalidate every entry at once.
 
@@ -74,7 +79,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 try:
     import fcntl
@@ -156,8 +161,9 @@ class KernelInfo:
 
 INFO = KernelInfo()
 _lock = threading.Lock()
-_module: ModuleType | None = None
-_failed: BuildError | None = None
+_module: ModuleType | None = None  # the module of every rule, once loaded
+_rule_modules: dict[str, ModuleType] = {}  # modules of one rule each, built on first use
+_failed: BuildError | None = None  # the first build that failed: every later load falls back at once
 _pinned_fds: list[int] = []  # the loaded artefacts, kept open: see _load
 
 
@@ -293,32 +299,52 @@ def _link_args(runtime: str | None) -> list[str]:
     return ["-fopenmp", "-lm", *darwin]  # no runtime loaded yet: the compiler's own
 
 
-def kernel_sources() -> list[Path]:
-    """Every C file of the module: the engine's first, then the rules' in name order."""
-    return [ENGINE_SOURCE, *sorted(p for p in KERNEL_DIR.glob("*.c") if p != ENGINE_SOURCE)]
+def rules() -> list[str]:
+    """The update rules under _kernels, by file name (adam, sgd, ...): one NAME.c and NAME.h each."""
+    return sorted(p.stem for p in KERNEL_DIR.glob("*.c") if p != ENGINE_SOURCE)
 
 
-def cdef_headers() -> list[Path]:
+def _check_rule(rule: str | None) -> None:
+    if rule is not None and rule not in rules():
+        raise ValueError(f"roundpipe has no kernel rule {rule!r}; the rules are {', '.join(rules())}")
+
+
+def kernel_sources(rule: str | None = None) -> list[Path]:
+    """The C files of a module: the engine's first, then every rule's in name order, or one rule's."""
+    _check_rule(rule)
+    return [ENGINE_SOURCE, *(KERNEL_DIR / f"{r}.c" for r in ([rule] if rule else rules()))]
+
+
+def cdef_headers(rule: str | None = None) -> list[Path]:
     """The headers cffi's cdef reads: the engine's, then each rule's NAME.h beside its NAME.c."""
-    return [ENGINE_HEADER, *(p.with_suffix(".h") for p in kernel_sources()[1:])]
+    return [ENGINE_HEADER, *(p.with_suffix(".h") for p in kernel_sources(rule)[1:])]
 
 
-def cffi_source() -> str:
+def cffi_source(rule: str | None = None) -> str:
     """What cffi's generated wrapper compiles: the declarations only; the code is linked in."""
-    return "".join(f'#include "{h.name}"\n' for h in cdef_headers())
+    return "".join(f'#include "{h.name}"\n' for h in cdef_headers(rule))
 
 
-def key_inputs(cc: list[str] | None = None) -> dict[str, Any]:
-    """Everything that affects the built binary."""
+def module_name(rule: str | None = None) -> str:
+    """The extension module's name: every rule in one, or the engine and one rule (``_rule``)."""
+    return MODULE_NAME if rule is None else f"{MODULE_NAME}_{rule}"
+
+
+def key_inputs(cc: list[str] | None = None, rule: str | None = None) -> dict[str, Any]:
+    """Everything that affects the built binary: of the module with every rule, or of one rule's."""
     cc = cc or compiler_command()
     import _cffi_backend  # the extension cffi's modules load; cffi checks its version equals cffi's
 
     source = hashlib.sha256()
-    files = sorted(p for p in KERNEL_DIR.iterdir() if p.suffix in (".c", ".h"))
-    for part in (*(f.name.encode() + b"\0" + f.read_bytes() for f in files), cffi_source().encode()):
+    # every header (any may be included) and the module's C files: all of them, or engine.c and the rule's
+    files = sorted(p for p in KERNEL_DIR.iterdir() if p.suffix == ".h" or (p.suffix == ".c" and (
+        rule is None or p in kernel_sources(rule))))
+    for part in (*(f.name.encode() + b"\0" + f.read_bytes() for f in files), cffi_source(rule).encode()):
         source.update(hashlib.sha256(part).digest())
     runtime = openmp_runtime()
+    one_rule = {} if rule is None else {"rule": rule}  # the module of every rule keeps its key's inputs
     return {
+        **one_rule,
         "cache_version": CACHE_VERSION,
         "cpu_flags": cpu_flags(),
         "machine": platform.machine(),
@@ -352,13 +378,13 @@ def cache_root() -> Path:
 # ---- compile ---------------------------------------------------------------
 
 
-def _emit_c(path: Path) -> None:
+def _emit_c(path: Path, rule: str | None = None) -> None:
     """cffi out-of-line API mode: the Python wrapper around the kernels' declarations, as C source."""
     import cffi
 
     ffi = cffi.FFI()
-    ffi.cdef("\n".join(h.read_text() for h in cdef_headers()))
-    ffi.set_source(MODULE_NAME, cffi_source())
+    ffi.cdef("\n".join(h.read_text() for h in cdef_headers(rule)))
+    ffi.set_source(module_name(rule), cffi_source(rule))
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "generating ..."
         ffi.emit_c_code(str(path))  # writes a file; unlike ffi.compile, no os.chdir
 
@@ -394,17 +420,18 @@ def _run_all(cmds: list[list[str]], workdir: Path) -> None:
         raise errors[0]
 
 
-def compile_kernel(workdir: Path, cc: list[str], link_flags: list[str]) -> Path:
-    """Compile the extension module into workdir and return its path.
+def compile_kernel(workdir: Path, cc: list[str], link_flags: list[str], rule: str | None = None) -> Path:
+    """Compile the extension module (every rule, or the engine and one rule) into workdir; return its path.
 
     Each C file is its own translation unit, compiled in parallel (the build is most of a
-    cold import); cffi's wrapper holds only the declarations, and the link joins them.
+    cold first step); cffi's wrapper holds only the declarations, and the link joins them.
     """
-    c_file = workdir / (MODULE_NAME + ".c")
-    out = workdir / (MODULE_NAME + importlib.machinery.EXTENSION_SUFFIXES[0])
-    _emit_c(c_file)
+    name = module_name(rule)
+    c_file = workdir / (name + ".c")
+    out = workdir / (name + importlib.machinery.EXTENSION_SUFFIXES[0])
+    _emit_c(c_file, rule)
     includes = ["-I" + str(KERNEL_DIR), "-I" + sysconfig.get_paths()["include"]]
-    sources = [c_file, *kernel_sources()]
+    sources = [c_file, *kernel_sources(rule)]
     objects = [workdir / f"{i}-{src.stem}.o" for i, src in enumerate(sources)]
     _run_all([[*cc, *COMPILE_FLAGS, *includes, "-c", str(src), "-o", str(obj)]
               for src, obj in zip(sources, objects, strict=True)], workdir)
@@ -557,7 +584,7 @@ def _open_entry(entry: Path, key: str, owners: frozenset[int]) -> _Found | None:
         raise
 
 
-def _load(found: _Found) -> ModuleType:
+def _load(found: _Found, name: str = MODULE_NAME) -> ModuleType:
     """Load the module from the checked file itself (see the trust notes above).
 
     The fd stays open afterwards: Python caches single-phase extension modules
@@ -567,8 +594,8 @@ def _load(found: _Found) -> ModuleType:
     try:
         if not os.path.exists(path):  # no /proc: by name, checked just before
             path = str(found.artefact)
-        loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, path)
-        spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
+        loader = importlib.machinery.ExtensionFileLoader(name, path)
+        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
         if spec is None:
             raise ImportError(f"cannot load {found.artefact}")
         module = importlib.util.module_from_spec(spec)
@@ -678,17 +705,22 @@ def _unwritable(root: Path) -> OSError | None:
     return None
 
 
-def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleType:
+def build_and_load(force: bool = False, allow_private: bool = True, rule: str | None = None,
+                   cached_only: bool = False) -> ModuleType | None:
     """Load the kernel for this host from the cache, building it first if needed.
 
     force: rebuild even if the cache holds an intact entry.
     allow_private: if the cache root is not writable, or its entry for this
     host is not trusted, build in a temporary directory (with one
     RuntimeWarning) instead of raising BuildError.
+    rule: the module of the engine and that one rule (``adam``, ``sgd``, ...);
+    None: the module of every rule.
+    cached_only: load an intact, trusted entry if there is one, else return None
+    (build nothing, warn nothing, touch nothing); _Untrusted if it is not trusted.
     """
     t0 = time.perf_counter()
     cc = compiler_command()
-    inputs = key_inputs(cc)
+    inputs = key_inputs(cc, rule)
     key = cache_key(inputs)
     root = cache_root()
     INFO.key, INFO.key_inputs, INFO.cache_root, INFO.private_root = key, inputs, str(root), False
@@ -702,12 +734,22 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
         else:
             owners = _trusted_uids()
             try:
+                if cached_only:  # (an untrusted entry raises _Untrusted, having touched nothing)
+                    found = _open_entry(root / key, key, owners)
+                    if found is None:
+                        return None
+                    try:
+                        module = _load(found, module_name(rule))
+                    except ImportError:
+                        return None
+                    _loaded(found, True, t0)
+                    return module
                 if not force:
                     # The warm path: an intact, trusted entry loads without a lock or a write.
                     found = _open_entry(root / key, key, owners)
                     if found is not None:
                         try:
-                            module = _load(found)
+                            module = _load(found, module_name(rule))
                         except ImportError:  # hashed right, does not load: rebuild it below
                             force = True
                         else:
@@ -715,7 +757,7 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
                             return module
                 error = _unwritable(root)
                 if error is None:
-                    return _build_or_reuse(root, key, inputs, cc, force, t0, owners)
+                    return _build_or_reuse(root, key, inputs, cc, force, t0, owners, rule)
                 why = error.strerror or str(error)
                 if not allow_private:
                     raise BuildError(f"the cache directory {root} is not writable ({why})",
@@ -740,14 +782,14 @@ def build_and_load(force: bool = False, allow_private: bool = True) -> ModuleTyp
             )
         INFO.cache_root, INFO.private_root = str(root), True
         # A private directory is ours alone (mkdtemp: mode 0700): trust only this process's user there.
-        return _build_or_reuse(root, key, inputs, cc, force, t0, frozenset((os.geteuid(),)))
+        return _build_or_reuse(root, key, inputs, cc, force, t0, frozenset((os.geteuid(),)), rule)
     finally:
         if private is not None:  # the loaded module stays mapped; nothing leaks
             shutil.rmtree(private, ignore_errors=True)
 
 
 def _build_or_reuse(root: Path, key: str, inputs: dict[str, Any], cc: list[str], force: bool,
-                    t0: float, owners: frozenset[int]) -> ModuleType:
+                    t0: float, owners: frozenset[int], rule: str | None = None) -> ModuleType:
     entry, rebuild = root / key, force
     for attempt in range(2):
         with _FileLock(root / f"{key}.lock"):
@@ -761,7 +803,7 @@ def _build_or_reuse(root: Path, key: str, inputs: dict[str, Any], cc: list[str],
             from_cache = found is not None
             if found is None:
                 _discard(entry)
-                _build_entry(root, entry, key, inputs, cc)
+                _build_entry(root, entry, key, inputs, cc, rule)
                 # Checked like any entry: in a shared root, the moment between
                 # os.replace and the load is one where others could swap it.
                 found = _open_entry(entry, key, owners)
@@ -769,7 +811,7 @@ def _build_or_reuse(root: Path, key: str, inputs: dict[str, Any], cc: list[str],
                     raise BuildError(f"the freshly built kernel {entry} vanished or changed before it was loaded",
                                      fix="check that nothing else deletes files under ROUNDPIPE_CACHE_DIR")
         try:
-            module = _load(found)
+            module = _load(found, module_name(rule))
         except ImportError as exc:  # a corrupt or foreign binary that still hashed right
             if attempt == 1:
                 raise BuildError(f"the freshly built kernel {found.artefact} does not load ({exc})",
@@ -793,7 +835,7 @@ def _loaded(found: _Found, from_cache: bool, t0: float) -> None:
 
 
 def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any],
-                 cc: list[str]) -> tuple[Path, float]:
+                 cc: list[str], rule: str | None = None) -> tuple[Path, float]:
     """Compile into a private directory under root, then move it into place.
 
     Modes are set explicitly, whatever the umask, so that the entry passes the
@@ -802,7 +844,7 @@ def _build_entry(root: Path, entry: Path, key: str, inputs: dict[str, Any],
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
     try:
-        artefact = compile_kernel(work, cc, inputs["link_flags"])
+        artefact = compile_kernel(work, cc, inputs["link_flags"], rule)
         for scratch in work.iterdir():
             if scratch != artefact:
                 scratch.unlink()
@@ -858,17 +900,34 @@ def clean_cache(root: Path | None = None) -> list[Path]:
     return removed
 
 
-def load_kernel() -> ModuleType | None:
+def load_kernel(rule: str | None = None) -> ModuleType | None:
     """The compiled kernel module, or None (with one RuntimeWarning) if it can't be had.
 
-    With ROUNDPIPE_REQUIRE_NATIVE=1 a failure raises ImportError instead, on
-    every call.
+    rule: the optimizer's rule (``adam``, ``sgd``, ...). The module of every rule serves
+    it when that is loaded or in the cache (``python -m roundpipe build`` makes it);
+    else the engine and that one rule are built on first use, so a cold first step
+    compiles one rule, not all of them. None: the module of every rule.
+
+    The first failed build is kept: every later call, for any rule, falls back at once
+    without another warning. With ROUNDPIPE_REQUIRE_NATIVE=1 a failure raises
+    ImportError instead, on every call.
     """
     global _module, _failed
+    _check_rule(rule)  # a rule that does not exist is a bug to raise, not a reason to fall back
     with _lock:
         if _module is None and _failed is None:
             try:
-                _module = build_and_load()
+                if rule is None:
+                    _module = build_and_load()
+                elif rule not in _rule_modules:
+                    try:
+                        whole = build_and_load(cached_only=True)
+                    except _Untrusted:  # someone else's entry: warn and build privately, as ever
+                        whole = build_and_load()
+                    if whole is not None:
+                        _module = whole
+                    else:
+                        _rule_modules[rule] = cast(ModuleType, build_and_load(rule=rule))
             except Exception as exc:  # never break a training job: fall back, say why
                 if isinstance(exc, BuildError):
                     _failed = exc
@@ -878,8 +937,9 @@ def load_kernel() -> ModuleType | None:
                 INFO.error = str(_failed)
                 if not _env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
                     warnings.warn(
-                        "roundpipe: the native Adam kernel is unavailable, so roundpipe.optim.Adam "
-                        "runs torch's fused CPU Adam instead (same results, less speed).\n"
+                        "roundpipe: the native kernels are unavailable, so roundpipe.optim's optimizers run "
+                        "torch's own implementations instead (same results, less speed; roundpipe.optim.Adam "
+                        "runs torch's fused CPU Adam).\n"
                         f"Reason: {_failed}\n"
                         "Set ROUNDPIPE_REQUIRE_NATIVE=1 to make this an error; "
                         "`python -m roundpipe info` shows the setup.",
@@ -890,4 +950,6 @@ def load_kernel() -> ModuleType | None:
             raise ImportError(
                 f"roundpipe: the native kernel is unavailable and ROUNDPIPE_REQUIRE_NATIVE=1: {_failed}"
             ) from _failed
-        return _module
+        if _module is not None or rule is None:
+            return _module
+        return _rule_modules.get(rule)

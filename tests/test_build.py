@@ -95,7 +95,8 @@ def test_a_build_killed_mid_way_does_not_block_the_next_import(tmp_path, cache, 
     slow, started = tmp_path / "slow", tmp_path / "started"
     slow.touch()
     monkeypatch.setenv("CC", make_cc(tmp_path, slow=slow, started=started))
-    victim = subprocess.Popen([sys.executable, "-c", "import roundpipe.optim"], cwd=TESTS_DIR,
+    # (the import alone builds nothing now: kernels build on first use; native_available() builds them all)
+    victim = subprocess.Popen([sys.executable, "-c", "import roundpipe.optim as o; o.native_available()"], cwd=TESTS_DIR,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -423,3 +424,59 @@ def test_the_default_cache_root_is_platformdirs_user_cache(monkeypatch, tmp_path
         else:
             monkeypatch.setenv("XDG_CACHE_HOME", xdg)
         assert _build.cache_root() == Path(platformdirs.user_cache_dir("roundpipe"))
+
+
+# ---- 7. one rule at a time: a cold first step builds the engine and its rule only (issue 23) ----
+
+FIRST_STEP = """
+import json, torch
+import roundpipe.optim as rpo
+from roundpipe import _build
+name = NAME
+p = torch.nn.Parameter(torch.ones(100))
+p.grad = torch.full((100,), 0.5)
+opt = getattr(rpo, name)([p], lr=0.1)
+opt.step()
+result = {"native": opt._kernel is not None, "from_cache": _build.INFO.from_cache, "key": _build.INFO.key,
+          "rule": _build.INFO.key_inputs.get("rule"), "moved": bool((p != 1).all())}
+"""
+
+
+def first_step(name: str) -> str:
+    return FIRST_STEP.replace("NAME", repr(name)) + LAST_JSON
+
+
+def test_a_cold_first_step_builds_the_engine_and_its_rule_only(tmp_path, cache, monkeypatch):
+    log = tmp_path / "compiles.log"
+    monkeypatch.setenv("CC", make_cc(tmp_path, log=log))
+    proc = run_python(first_step("SGD"), timeout=180)
+    first = result_of(proc)
+    assert first["native"] and first["moved"] and not first["from_cache"] and first["rule"] == "sgd"
+    compiled = [re.search(r"-c (\S+)", line).group(1) for line in log.read_text().splitlines()]
+    assert sorted(Path(c).name for c in compiled) == sorted(
+        ["engine.c", "sgd.c", _build.module_name("sgd") + ".c"]), compiled  # not every rule's C
+    assert [e.name for e in entries(cache)] == [first["key"]]
+    again = result_of(run_python(first_step("SGD"), timeout=180))
+    assert again["from_cache"] and again["key"] == first["key"]
+    assert len(log.read_text().splitlines()) == 3  # loaded, not rebuilt
+
+
+def test_after_a_full_build_every_rule_loads_the_one_module(tmp_path, cache, monkeypatch):
+    """`python -m roundpipe build` builds every rule into one module, which every optimizer then uses."""
+    log = tmp_path / "compiles.log"
+    monkeypatch.setenv("CC", make_cc(tmp_path, log=log))
+    built = import_and_report()  # native_available(): the module of every rule
+    n_compiles = len(log.read_text().splitlines())
+    assert n_compiles == len(_build.kernel_sources()) + 1
+    for name in ("Adam", "SGD", "Lion"):
+        res = result_of(run_python(first_step(name), timeout=180))
+        assert res["native"] and res["moved"] and res["from_cache"] and res["rule"] is None
+        assert res["key"] == built["key"]
+    assert len(log.read_text().splitlines()) == n_compiles  # nothing more was compiled
+    assert [e.name for e in entries(cache)] == [built["key"]]
+
+
+def test_an_unknown_rule_is_an_error_not_a_fallback():
+    with pytest.raises(ValueError, match="no kernel rule 'nope'"):
+        _build.load_kernel("nope")
+    assert _build._failed is None

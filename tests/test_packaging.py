@@ -22,7 +22,8 @@ def test_wheel_carries_kernel_source_and_no_binary(tmp_path):
     (wheel,) = tmp_path.glob("roundpipe-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("roundpipe/_kernels/adam.c", "roundpipe/_kernels/adam.h", "roundpipe/py.typed",
-                   "roundpipe/_build.py", "roundpipe/optim/adam.py", "roundpipe/__main__.py"):
+                   "roundpipe/_build.py", "roundpipe/optim/adam.py", "roundpipe/__main__.py",
+                   "roundpipe/bench/__init__.py", "roundpipe/bench/cli.py", "roundpipe/bench/competitors.py"):
         assert needed in names, f"{needed} missing from {wheel.name}"
     compiled = [n for n in names if n.endswith((".so", ".o", ".pyd", ".dylib"))]
     assert not compiled, compiled

@@ -374,8 +374,8 @@ def test_the_rules_sqrt_is_torchs():
     """torch's float sqrt is MKL's (not correctly rounded) where torch has MKL: the rules compute
     the same bits (rules.h, rp_torch_sqrt), at every length and start, specials included."""
     from roundpipe import _build
-    kernel = _build.load_kernel()
-    how, _ = _for_loop._torch_sqrt(kernel)
+    kernel = _build.load_kernel("nadam")
+    how, _ = _for_loop._torch_sqrt(kernel, "nadam")
     x = torch.cat([_for_loop._sqrt_probe(), torch.rand(50_000) * 1e3, torch.rand(1000) * 1e-38])
     if not torch.equal(x.sqrt().view(torch.int32), torch.sqrt(x.double()).float().view(torch.int32)):
         assert how != _for_loop._SQRT_IEEE, "torch's sqrt is not IEEE here, and the rules did not find MKL's"
@@ -384,8 +384,8 @@ def test_the_rules_sqrt_is_torchs():
     for start, n in [(0, x.numel()), (3, 1), (5, 17), (100, 1000), (7, 15)]:
         out = torch.zeros(n)
         h = ffi.new("rp_nadam_hyper *")
-        _for_loop.fill_torch_sqrt(h, kernel)
-        kernel.lib.rp_loop_torch_sqrt(h.sqrt_how, h.vml_sqrt, ffi.cast("float *", x[start:].data_ptr()),
+        _for_loop.fill_torch_sqrt(h, kernel, "nadam")
+        kernel.lib.rp_nadam_torch_sqrt(h.sqrt_how, h.vml_sqrt, ffi.cast("float *", x[start:].data_ptr()),
                                       ffi.cast("float *", out.data_ptr()), n)
         assert_bits_equal(out, ref[start:start + n], f"sqrt of [{start}, {start + n})")
 

@@ -445,7 +445,11 @@ int rp_adam_step(const rp_run_opts *run, const rp_adam_hyper *h, rp_tensor *tens
         }
         t->scalar[0] = last_nss;
         t->scalar[1] = last_bc2;
-        if (t->seed) t->sr_key = rp_sr_key((uint64_t)*t->seed, (uint64_t)step); /* this step's random bits */
+        if (t->seed) { /* this step's random bits, keyed on an int64 count that does not saturate */
+            const int64_t count = *t->sr_step + 1;
+            *t->sr_step = count;
+            t->sr_key = rp_sr_key((uint64_t)*t->seed, (uint64_t)count);
+        }
     }
     adam_ctx ctx;
     consts_for_group(h, run, &ctx.group);

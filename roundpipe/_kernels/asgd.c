@@ -131,3 +131,5 @@ int rp_asgd_step(const rp_run_opts *run, const rp_asgd_hyper *h, rp_tensor *tens
     rp_run(run, tensors, n_tensors, chunks, n_chunks, asgd_chunk, &k);
     return 1;
 }
+
+RP_EXPORT_TORCH_SQRT(rp_asgd_torch_sqrt)

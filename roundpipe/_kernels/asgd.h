@@ -27,3 +27,7 @@ typedef struct {
    was skipped because *run->found_inf is non-zero (nothing is touched then). */
 int rp_asgd_step(const rp_run_opts *run, const rp_asgd_hyper *hyper, rp_tensor *tensors,
                  int64_t n_tensors, const rp_chunk *chunks, int64_t n_chunks);
+
+/* torch's float sqrt as the rule computes it (rules.h, rp_torch_sqrt), for
+   roundpipe/optim/_for_loop.py to check `how` against torch.sqrt once. */
+void rp_asgd_torch_sqrt(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n);

@@ -22,7 +22,10 @@ typedef struct {
     int32_t param_dtype;
     int32_t state_dtype[3];
     const int64_t *seed;    /* the `sr_seed` state tensor with stochastic rounding, or NULL */
-    uint64_t sr_key;        /* this step's key for the random bits, from seed and step     */
+    int64_t *sr_step;       /* its `sr_step` state tensor: the steps taken with stochastic
+                               rounding, counted by the C code (unlike the float32 `step`,
+                               which stops counting at 2^24), with seed, or NULL            */
+    uint64_t sr_key;        /* this step's key for the random bits, from seed and sr_step  */
     int32_t fresh;          /* 1 on the first step of state the engine just created       */
     int32_t reserved;
     /* Per-tensor scalars, written by the rule's entry point once per step,
@@ -71,6 +74,13 @@ void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n);
 void rp_roofline_probe(float *a, const float *b, float *c, float *d,
                        int64_t n, int32_t num_threads);
 void rp_roofline_probe3(float *a, const float *b, float *c, int64_t n, int32_t num_threads);
+/* 16 bytes per element, in one of two patterns. c != NULL: one pass, a and b
+   read, a and c written (c is not read): ASGD before averaging starts, which
+   writes ax = param. c == NULL: two passes, a reduction over all of b, then
+   a read and written with b read again: a rule that must reduce over the
+   whole grad before it can update (Adafactor; its O(rows + cols) state is
+   left out). roundpipe/bench. */
+void rp_roofline_probe16(float *a, const float *b, float *c, int64_t n, int32_t num_threads);
 
 /* 1 when this process is a fork() child: steps then run on one thread (see engine.c). */
 int rp_in_forked_child(void);

@@ -169,7 +169,4 @@ int rp_nadam_step(const rp_run_opts *run, const rp_nadam_hyper *h, rp_tensor *te
     return 1;
 }
 
-void rp_loop_torch_sqrt(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n)
-{
-    rp_torch_sqrt(vml_sqrt, how, n, a, r);
-}
+RP_EXPORT_TORCH_SQRT(rp_nadam_torch_sqrt)

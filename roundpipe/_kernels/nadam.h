@@ -29,6 +29,6 @@ typedef struct {
 int rp_nadam_step(const rp_run_opts *run, const rp_nadam_hyper *hyper, rp_tensor *tensors,
                   int64_t n_tensors, const rp_chunk *chunks, int64_t n_chunks);
 
-/* torch's float sqrt as the for-loop rules compute it (rules.h, rp_torch_sqrt),
-   for roundpipe/optim/_for_loop.py to check `how` against torch.sqrt once. */
-void rp_loop_torch_sqrt(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n);
+/* torch's float sqrt as the rule computes it (rules.h, rp_torch_sqrt), for
+   roundpipe/optim/_for_loop.py to check `how` against torch.sqrt once. */
+void rp_nadam_torch_sqrt(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n);

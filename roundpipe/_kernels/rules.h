@@ -225,3 +225,8 @@ static inline int64_t rp_neg_sub_count(int is_complex, int64_t tail_start, int64
     const int64_t k = is_complex ? tail_start - first : 0;
     return k < 0 ? 0 : k > n ? n : k;
 }
+
+/* A rule's exported copy of rp_torch_sqrt, for roundpipe/optim/_for_loop.py to
+   check `how` against torch.sqrt once (each rule's module may be built alone). */
+#define RP_EXPORT_TORCH_SQRT(name) \
+    void name(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n) { rp_torch_sqrt(vml_sqrt, how, n, a, r); }

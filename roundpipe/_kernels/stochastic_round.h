@@ -7,10 +7,13 @@
  * a pure function of (seed, step, i):
  *   key  = rp_sr_key(seed, step)    once per tensor and step (splitmix64, scalar)
  *   bits = rp_sr_bits(key, i)       per element: one 32-bit multiply (rp_sr_hash)
- * No state is carried from element to element, so the result does not depend
- * on the thread count, the chunking or the order of evaluation: every element
- * gets the same bits whichever span computes it. A resumed run draws the same
- * bits as long as seed and step are restored (both live in the optimizer state).
+ * `step` is the int64 `sr_step` state, counted by the step itself, not Adam's
+ * float32 `step`, which stops counting at 2^24 (every later step would draw
+ * the same bits). No state is carried from element to element, so the result
+ * does not depend on the thread count, the chunking or the order of
+ * evaluation: every element gets the same bits whichever span computes it. A
+ * resumed run draws the same bits as long as sr_seed and sr_step are restored
+ * (both live in the optimizer state).
  * Give each tensor its own seed (or mix a tensor id into it): with one seed for
  * all, element i of every tensor rounds with the same bits at a step.
  *

@@ -1,7 +1,8 @@
 """CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad, NAdam, ASGD and Lion.
 
-Importing this package compiles (once per host, then cached) and loads the C
-kernels; see roundpipe._build.
+Each optimizer's C kernel is compiled for this host the first time that optimizer is built
+(once per host, then cached), or all of them by ``python -m roundpipe build``; see
+roundpipe._build.
 """
 
 from .. import _build
@@ -13,6 +14,9 @@ from .lion import Lion
 from .nadam import NAdam
 from .sgd import SGD
 
-_build.load_kernel()
+# Kernels build on first use, one rule at a time (_build.load_kernel). ROUNDPIPE_REQUIRE_NATIVE=1
+# promises an ImportError here when they cannot be built, so then every rule is built at import.
+if _build._env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
+    _build.load_kernel()
 
 __all__ = ["ASGD", "Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "NAdam", "SGD", "native_available"]

@@ -104,7 +104,7 @@ def check_lr(lr: Any, where: str) -> None:
     """torch's learning-rate checks, shared by the rules: a float or a 1-element Tensor, >= 0."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element{where}, got {lr.numel()} elements")
-    if not 0.0 <= lr:
+    if not 0.0 <= check_number({"lr": lr}, "lr", where, tensor_ok=True):
         raise ValueError(f"Invalid learning rate: {lr}{where}")
 
 
@@ -291,6 +291,8 @@ class FusedOptimizer(Optimizer):
     _NAME: ClassVar[str]  # as messages name it: "Adam", "SGD", ...
     _C_STEP: ClassVar[str]  # the rule's C entry point: int f(run, hyper, tensors, n, chunks, n_chunks)
     _C_HYPER: ClassVar[str]  # its hyperparameter struct, as cffi names it
+    # The C file (_kernels/NAME.c) that holds _C_STEP, built on first use; None: NAME in rp_NAME_step.
+    _KERNEL: ClassVar[str | None] = None
     _HAS_STEP: ClassVar[bool] = True  # state["step"]: a 0-dim float32 tensor the C code counts
     _PARAM_DTYPES: ClassVar[tuple[torch.dtype, ...]] = _REAL_DTYPES
     _TORCH_VEC: ClassVar[int | None] = None  # the rule's torch vector width; None: _TORCH_VEC
@@ -302,6 +304,11 @@ class FusedOptimizer(Optimizer):
     _STATE_DTYPE_OPTIONS: ClassVar[dict[str, str]] = {}
     # Each _extra_state key -> its dtype (a 1-element CPU tensor; the C code reads it through rp_tensor.aux).
     _EXTRA_STATE_DTYPES: ClassVar[dict[str, torch.dtype]] = {}
+    # State keys whose first step writes them without reading them (SGD's momentum_buffer, which
+    # takes the grad; rp_tensor.fresh). A param whose state lacks one steps as on its first step
+    # (momentum turned on mid-training), and a step GradScaler skips creates no state at all:
+    # a buffer no step has written would be read as momentum after a checkpoint or a plan rebuild.
+    _FIRST_STEP_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_group(defaults, "")
@@ -325,11 +332,16 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
-        self._kernel = _build.load_kernel()
+        self._kernel = _build.load_kernel(self._kernel_rule())
         self._plans: dict[int, _GroupPlan] = {}
         self._step_lock = threading.RLock()
 
     # ---- the rule's hooks --------------------------------------------------------
+
+    @classmethod
+    def _kernel_rule(cls) -> str:
+        """The rule's C file name: _KERNEL, else NAME in its entry point rp_NAME_step."""
+        return cls._KERNEL or cls._C_STEP.removeprefix("rp_").removesuffix("_step")
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         """Raise for bad hyperparameter values; `where` names the group (empty at construction)."""
@@ -356,6 +368,11 @@ class FusedOptimizer(Optimizer):
     def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
         """1-element state tensors beyond _state_keys (dtypes in _EXTRA_STATE_DTYPES), in rp_tensor.aux order."""
         return ()
+
+    def _new_extra_state(self, key: str, p: Tensor, state: dict[str, Any]) -> Tensor:
+        """State[key] for an _extra_state key that p's state lacks (new state, or an option turned
+        on over existing state); state holds everything else, its ``step`` a float32 tensor."""
+        raise NotImplementedError
 
     def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
         """Set the rule's own rp_tensor fields for param p (besides pointers, dtypes, step)."""
@@ -409,7 +426,7 @@ class FusedOptimizer(Optimizer):
                     p_state = self.state.get(p, [])
                     if len(p_state) != 0 and "step" in p_state and not torch.is_tensor(p_state["step"]):
                         p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
-        self._kernel = _build.load_kernel()
+        self._kernel = _build.load_kernel(self._kernel_rule())
         self._plans = {}
         if not hasattr(self, "_step_lock"):  # unpickling; load_state_dict keeps the lock it holds
             self._step_lock = threading.RLock()
@@ -555,11 +572,13 @@ class FusedOptimizer(Optimizer):
             _check_no_overlap(plans, self.state, self._NAME)
         # State for params stepped for the first time, and the C arrays, for every group
         # before any group steps. A step that GradScaler skips creates the state too,
-        # as torch's does.
-        for plan in plans:
-            if plan.params and not plan.built:
-                self._build(plan)
-        if found_inf is not None and found_inf.item() != 0.0:
+        # as torch's does, except state that only a real step can initialize (_FIRST_STEP_KEYS).
+        skipped = found_inf is not None and found_inf.item() != 0.0
+        if not (skipped and self._FIRST_STEP_KEYS):
+            for plan in plans:
+                if plan.params and not plan.built:
+                    self._build(plan)
+        if skipped:
             return loss
         for plan in plans:
             if plan.params:
@@ -582,6 +601,8 @@ class FusedOptimizer(Optimizer):
                         i = plan.group_index[slot]
                         _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}",
                                       self._NAME, self._PARAM_DTYPES)
+                        if _needs_copy(all_grads[i]):
+                            _copy_pending_grad(plan, slot)
                 plan.all_grads = all_grads
                 return plan
         # Full check of every tensor and its state; state for new params and the
@@ -605,7 +626,7 @@ class FusedOptimizer(Optimizer):
                 self._check_state(p, st, layout, at, self._extra_state(group))
             plan.group_index.append(i)
             plan.params.append(p)
-            plan.grads.append(g)
+            plan.grads.append(g.contiguous() if _needs_copy(g) else g)
         self._plans[gi] = plan
         return plan
 
@@ -629,6 +650,8 @@ class FusedOptimizer(Optimizer):
             expected["master_param"] = torch.float32
         for name, dtype in expected.items():
             t = st.get(name)
+            if t is None and name in self._FIRST_STEP_KEYS:
+                continue  # created by this step, which is then its first (as torch's SGD does)
             if t is None:
                 raise RuntimeError(f"roundpipe {who}: {where} has no state[{name!r}] "
                                    "(was an option such as amsgrad or momentum turned on mid-training?)")
@@ -669,12 +692,14 @@ class FusedOptimizer(Optimizer):
         """Create state for params stepped for the first time (torch's layout plus master copies)."""
         group = plan.group
         plan.fresh = []
+        extra = self._extra_state(group)
         for p, g in zip(plan.params, plan.grads, strict=True):
             state = self.state[p]
             master, dtypes = self._layout(group, p)
-            fresh = not state
+            fresh = not state or any(k not in state for k in self._FIRST_STEP_KEYS if k in dtypes)
             if fresh:
-                state.update(self._new_state(p, g, group, dtypes))
+                for key, value in self._new_state(p, g, group, dtypes).items():
+                    state.setdefault(key, value)
             plan.fresh.append(fresh)
             if master and "master_param" not in state:
                 state["master_param"] = p.detach().to(torch.float32, copy=True)
@@ -683,6 +708,9 @@ class FusedOptimizer(Optimizer):
                 if not (type(step) is Tensor and step.dtype == torch.float32 and step.dim() == 0
                         and step.device.type == "cpu"):
                     state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
+            for key in extra:  # missing where an option was turned on over existing state
+                if key not in state:
+                    state[key] = self._new_extra_state(key, p, state)
         plan.states = [self.state[p] for p in plan.params]
         plan.param_dtypes = [p.dtype for p in plan.params]
         plan.has_complex = any(map(Tensor.is_complex, plan.params))
@@ -875,8 +903,27 @@ def _check_tensor(p: Tensor, g: Tensor, where: str, who: str = "Adam",
             )
     if not lp.is_contiguous():
         raise ValueError(f"roundpipe {who}: {where} is not contiguous; make it so with p.data = p.data.contiguous()")
-    if not lg.is_contiguous():
+    if not lg.is_contiguous() and not _needs_copy(g):
         raise ValueError(f"roundpipe {who}: {where} has a non-contiguous grad; make it contiguous before step()")
+
+
+def _needs_copy(g: Tensor) -> bool:
+    """A broadcast grad (a plain tensor with stride 0 on a dimension of size > 1, as ``expand``
+    makes): stepped as the values it holds, through a contiguous copy made each step where the
+    plan checks grads, as torch's for-loop step does (torch's fused kernels read it as contiguous
+    memory, past its end). Its elements share memory, so GradScaler's unscaled values have no place
+    to go: it keeps its scaled values. Other non-contiguous grads are refused (_check_tensor)."""
+    return type(g) in (Tensor, torch.nn.Parameter) and any(
+        s == 0 and n > 1 for n, s in zip(g.shape, g.stride(), strict=True))
+
+
+def _copy_pending_grad(plan: _GroupPlan, slot: int) -> None:
+    """Point slot's pending grad, and its signature, at a contiguous copy (see _needs_copy)."""
+    grads = cast(list[Tensor], plan.pending_grads)
+    work = grads[slot] = grads[slot].contiguous()
+    plan.pending_grad_sig[0][slot] = plan.ptr_of(work)
+    plan.pending_grad_sig[1][slot] = work.stride()
+    plan.pending_grad_bytes[slot] = plan.storage_bytes([work])[0]
 
 
 def _check_allocated(t: Tensor, what: str, where: str, who: str = "Adam") -> None:
@@ -886,7 +933,9 @@ def _check_allocated(t: Tensor, what: str, where: str, who: str = "Adam") -> Non
         ptr = t.data_ptr()
     except RuntimeError:
         nbytes, ptr = 0, 0
-    need = (t.storage_offset() + t.numel()) * t.element_size()
+    # the last element's offset + 1: a broadcast (stride 0) tensor needs less than numel elements
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+    need = (t.storage_offset() + extent) * t.element_size()
     if ptr == 0 or nbytes < need:
         raise RuntimeError(
             f"roundpipe {who}: {where}: the {what}'s data is not allocated (its storage holds {nbytes} "
@@ -983,6 +1032,8 @@ def fp32_working_set(plan: _GroupPlan, keys: tuple[str, ...], unscale: bool
     use_master = bool(plan.group.get("master_weights"))
 
     def fp32(t: Tensor, write_back: bool = True) -> Tensor:
+        if t.is_complex():  # complex64: its float32 real view, in place
+            return torch.view_as_real(t)
         if t.dtype == torch.float32:
             return t
         if t.dtype == torch.complex64:  # stepped as its real view, as torch's for-loop rules do

@@ -27,7 +27,6 @@ from ._engine import (
     FusedOptimizer,
     _GroupPlan,
     _scalar,
-    check_lr,
     check_number,
     fp32_working_set,
     torch_dispatch_vec,
@@ -39,14 +38,6 @@ def lr_is_f32_tensor(group: dict[str, Any]) -> bool:
     (A float64 Tensor lr computes as a Python float does; other dtypes are taken by value.)"""
     lr = group["lr"]
     return isinstance(lr, Tensor) and lr.dtype == torch.float32
-
-
-def check_lr_value(group: dict[str, Any], where: str) -> None:
-    """lr: a real number or a 1-element real Tensor, >= 0 (torch's checks and messages)."""
-    if isinstance(group["lr"], Tensor):
-        check_lr(group["lr"], where)  # torch's "Tensor lr must be 1-element" before the type check
-    check_number(group, "lr", where, tensor_ok=True)
-    check_lr(group["lr"], where)
 
 
 def check_betas(group: dict[str, Any], where: str) -> tuple[float, float]:
@@ -103,7 +94,7 @@ def _vml_sqrt_address() -> int:
 
 
 @functools.cache
-def _torch_sqrt(kernel: Any) -> tuple[int, int]:
+def _torch_sqrt(kernel: Any, rule: str) -> tuple[int, int]:
     """(how, vmsSqrt's address): how torch's float sqrt is computed here (rules.h, rp_torch_sqrt).
     MKL's AVX-512 kernel inline where our copy of it gives torch's bits on the probe; else a call
     of vmsSqrt where torch's sqrt is it; else IEEE sqrtf."""
@@ -114,16 +105,16 @@ def _torch_sqrt(kernel: Any) -> tuple[int, int]:
     ffi = kernel.ffi
     for how in (_SQRT_MKL_Z0, _SQRT_MKL_L9, _SQRT_MKL_H8):  # the first MKL kernel our copy of gives torch's bits
         out = torch.zeros_like(probe)
-        kernel.lib.rp_loop_torch_sqrt(how, ffi.cast("void *", address), ffi.cast("float *", probe.data_ptr()),
+        getattr(kernel.lib, f"rp_{rule}_torch_sqrt")(how, ffi.cast("void *", address), ffi.cast("float *", probe.data_ptr()),
                                       ffi.cast("float *", out.data_ptr()), probe.numel())
         if torch.equal(out.view(torch.int32), probe.sqrt().view(torch.int32)):
             return how, address
     return _SQRT_CALL, address
 
 
-def fill_torch_sqrt(h: Any, kernel: Any) -> None:
-    """Set a rule's C struct's sqrt_how and vml_sqrt (rules.h, rp_torch_sqrt)."""
-    how, address = _torch_sqrt(kernel)
+def fill_torch_sqrt(h: Any, kernel: Any, rule: str) -> None:
+    """Set a rule's C struct's sqrt_how and vml_sqrt (rules.h, rp_torch_sqrt); rule: its C file's name."""
+    how, address = _torch_sqrt(kernel, rule)
     h.sqrt_how = how
     h.vml_sqrt = kernel.ffi.cast("void *", address) if address else kernel.ffi.NULL
 
@@ -146,7 +137,7 @@ class ForLoopRule(FusedOptimizer):
         h.lr = _scalar(group["lr"])
         h.lr_f32 = lr_is_f32_tensor(group)
         h.maximize = bool(group["maximize"])
-        fill_torch_sqrt(h, self._kernel)
+        fill_torch_sqrt(h, self._kernel, self._kernel_rule())
 
     def _loop_fallback(self, plan: _GroupPlan, grad_scale: Tensor | None, keys: tuple[str, ...],
                        scalar_keys: tuple[str, ...], step: Callable[..., None]) -> None:

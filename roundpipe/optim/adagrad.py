@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_lr, fp32_working_set, torch_dispatch_vec
+from ._engine import (
+    _PARAM_DTYPES,
+    FusedOptimizer,
+    _GroupPlan,
+    _scalar,
+    check_lr,
+    check_number,
+    fp32_working_set,
+    torch_dispatch_vec,
+)
 
 __all__ = ["Adagrad"]
 
@@ -32,19 +41,35 @@ class Adagrad(FusedOptimizer):
     The decayed rate is computed in double once per tensor per step, then
     rounded to float, as torch does. bfloat16/float16 params are computed in
     fp32 and rounded once; ``master_weights=True`` keeps an fp32 master and
-    an fp32 ``sum`` for them.
+    an fp32 ``sum`` for them. complex64 params are stepped as their real view
+    (``torch.view_as_real``), as torch's for-loop Adagrad steps them, bit for
+    bit torch's fused Adagrad on that view (torch's fused Adagrad refuses
+    complex params; its for-loop rounds differently, within 1e-6 relative).
+
+    As in torch, the accumulator ``sum`` starts at the constructor's
+    ``initial_accumulator_value`` (``defaults``), for every group, groups added
+    later with ``add_param_group`` included: a group's own
+    ``initial_accumulator_value`` is checked but not used. A complex param's
+    starts at ``complex(v, v)``.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate :math:`\gamma` (default: 1e-2).
         lr_decay: learning rate decay :math:`\eta` (default: 0).
         weight_decay: L2 penalty :math:`\lambda` (default: 0).
-        initial_accumulator_value: initial value of the sum of squares (default: 0).
+        initial_accumulator_value: initial value of the sum of squares, for
+            every group (a group's own value is not used, as in torch) (default: 0).
         eps: term added to the denominator (default: 1e-10).
         foreach, fused: accepted for compatibility and ignored, with a warning.
         maximize: maximize the objective instead of minimizing (default: False).
         differentiable: must be False.
         master_weights: fp32 master copies for 16-bit params (default: False).
+
+    A broadcast grad (stride 0, as ``expand`` makes) is stepped as the values it
+    holds, through a copy (torch's fused kernel reads it as contiguous memory);
+    with GradScaler it keeps its scaled values. Other non-contiguous grads are
+    refused. Every hyperparameter of every group is type-checked before any
+    group steps.
 
     State: ``step`` (a 0-dim float32 tensor) and ``sum``, created at construction, as in torch.
     """
@@ -57,6 +82,7 @@ class Adagrad(FusedOptimizer):
     }
     _TORCH_VEC = torch_dispatch_vec()  # torch registers this kernel for AVX-512: 16 lanes there
     _BOOL_OPTIONS = ("maximize", "differentiable")
+    _PARAM_DTYPES = _PARAM_DTYPES  # complex64 too, stepped as its real view, as torch's default does
 
     def __init__(
         self,
@@ -89,16 +115,20 @@ class Adagrad(FusedOptimizer):
         check_lr(group["lr"], where)
         for name, what in (("lr_decay", "lr_decay value"), ("weight_decay", "weight_decay value"),
                            ("initial_accumulator_value", "initial_accumulator_value value"), ("eps", "epsilon value")):
-            if not 0.0 <= group[name]:
-                raise ValueError(f"Invalid {what}: {group[name]}{where}")
+            value = check_number(group, name, where)
+            if not 0.0 <= value:
+                raise ValueError(f"Invalid {what}: {value}{where}")
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
 
     def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+        # torch fills the sum with the constructor's value (defaults), not the group's, and a
+        # complex param's with complex(value, value)
+        value = self.defaults["initial_accumulator_value"]
         return {
             "step": torch.zeros((), dtype=torch.float32),
-            "sum": torch.full_like(p, group["initial_accumulator_value"], dtype=dtypes["sum"],
+            "sum": torch.full_like(p, complex(value, value) if p.is_complex() else value, dtype=dtypes["sum"],
                                    memory_format=torch.contiguous_format),
         }
 

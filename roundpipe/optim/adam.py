@@ -22,24 +22,28 @@ from ._engine import (  # noqa: F401  (CHUNK_ELEMS, SERIAL_BELOW, _TORCH_VEC: re
     _TORCH_VEC,
     FusedOptimizer,
     check_lr,
+    check_number,
     native_available,
 )
 
 __all__ = ["Adam", "AdamW", "native_available"]
 
 
-def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str = "") -> None:
-    """torch.optim.Adam's value checks, one line each; `where` names the group at step time."""
-    check_lr(lr, where)
+def _check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
+    """torch.optim.Adam's value checks, each after its type check; `where` names the group at step time."""
+    check_lr(group["lr"], where)
+    eps = check_number(group, "eps", where)
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}{where}")
+    betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2){where}, got {betas!r}")
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor) and beta.numel() != 1:
             raise ValueError(f"Tensor betas[{i}] must be 1-element{where}")
-        if not 0.0 <= beta < 1.0:
+        if not 0.0 <= check_number({f"betas[{i}]": beta}, f"betas[{i}]", where, tensor_ok=True) < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}{where}")
+    weight_decay = check_number(group, "weight_decay", where)
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
 
@@ -93,14 +97,31 @@ class Adam(FusedOptimizer):
             by ``param.copy_(master)``. float32 params ignore it (default: False).
         exp_avg_dtype, exp_avg_sq_dtype: ``torch.float32`` or ``torch.bfloat16``
             storage for the moments. bfloat16 halves state memory and traffic
-            but rounds the moments every step (see README). None: torch's
-            layout, the param's dtype, or float32 with master weights.
+            but rounds the moments every step (see the docs' "Mixed precision
+            and memory" page). None: torch's layout, the param's dtype, or
+            float32 with master weights.
+        bf16_stochastic_round: for bfloat16 params only: compute the update in
+            fp32 and round the param to bf16 stochastically (moments to
+            nearest), with no master copy; reproducible under
+            ``torch.manual_seed``, seed kept in ``state["sr_seed"]``. The
+            random bits are keyed on ``state["sr_step"]``, an int64 count of
+            the steps taken (``step``, a float32, stops counting at 2^24), so
+            a resumed run draws the same bits. Turned on over existing state
+            (a round-to-nearest run, or its checkpoint), the next step creates
+            both: the seed from torch's generator, the count from ``step``.
+            Replaces ``master_weights`` (default: False).
 
     Limits: parameters must be contiguous CPU tensors of dtype float32,
     bfloat16 or float16 (or complex64, stepped as its real view) with dense
     gradients of the same shape and dtype. Anything else raises before any
     tensor is touched. Low-precision params without master weights compute in
     fp32 and store in their dtype, bit-identical to torch's fused Adam.
+    A broadcast gradient (stride 0, as ``expand`` makes) is stepped as the
+    values it holds, through a copy, as torch's for-loop Adam steps it
+    (torch's fused kernel reads it as contiguous memory); with GradScaler it
+    keeps its scaled values, having no memory for each unscaled one. Other
+    non-contiguous gradients are refused. Every hyperparameter of every group
+    is checked (type and range) before any group steps.
     """
 
     _NAME = "Adam"
@@ -164,7 +185,7 @@ class Adam(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+        _check_hyperparameters(group, where)
         if group.get("bf16_stochastic_round") is True and group.get("master_weights") is True:
             raise ValueError(f"bf16_stochastic_round=True replaces master weights: use one or the other{where}")
 
@@ -179,24 +200,29 @@ class Adam(FusedOptimizer):
     def _config(self, group: dict[str, Any]) -> tuple:
         return (bool(group["amsgrad"]), bool(group.get("bf16_stochastic_round")))
 
-    _EXTRA_STATE_DTYPES: ClassVar[dict[str, torch.dtype]] = {"sr_seed": torch.int64}
+    _EXTRA_STATE_DTYPES: ClassVar[dict[str, torch.dtype]] = {"sr_seed": torch.int64, "sr_step": torch.int64}
 
     def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("sr_seed",) if group.get("bf16_stochastic_round") else ()
+        return ("sr_seed", "sr_step") if group.get("bf16_stochastic_round") else ()
+
+    def _new_extra_state(self, key: str, p: Tensor, state: dict[str, Any]) -> Tensor:
+        if key == "sr_seed":
+            return _new_seed()
+        # sr_step: the steps taken with stochastic rounding, which key its random bits. It starts
+        # at `step`, so state from round-to-nearest or from a checkpoint written before this
+        # counter existed (keyed on `step` then) draws the bits it always drew.
+        return torch.tensor(int(state["step"].item()), dtype=torch.int64)
 
     def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
         if group.get("bf16_stochastic_round"):
-            if "sr_seed" not in st:  # state from a checkpoint without stochastic rounding
-                st["sr_seed"] = _new_seed()
             t.seed = ffi.cast("int64_t *", st["sr_seed"].data_ptr())
+            t.sr_step = ffi.cast("int64_t *", st["sr_step"].data_ptr())
 
     def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
         for key, dtype in dtypes.items():
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-        if group.get("bf16_stochastic_round"):
-            state["sr_seed"] = _new_seed()
-        return state
+        return state  # sr_seed and sr_step: _new_extra_state
 
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
@@ -268,7 +294,7 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
     real = lambda t: torch.view_as_real(t) if t.is_complex() else t  # noqa: E731
     lists: list[list[Tensor]] = [[], [], [], [], [], []]
     write_back: list[tuple[Tensor, Tensor]] = []
-    rounded: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (param, fp32 result, seed, step): stochastic
+    rounded: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (param, fp32 result, seed, sr_step): stochastic
     sr = bool(group.get("bf16_stochastic_round"))
     amsgrad, use_master = bool(group["amsgrad"]), bool(group.get("master_weights"))
     names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
@@ -281,7 +307,7 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
             tensors = [work, g.float()] + [st[n].float() for n in names]
             write_back += [(st[n], t) for n, t in zip(names, tensors[2:], strict=True)]
             if sr:
-                rounded.append((p, work, st["sr_seed"], st["step"]))
+                rounded.append((p, work, st["sr_seed"], st["sr_step"]))
             else:
                 write_back.append((p, work))
             if grad_scale is not None:  # the fused kernel unscaled the fp32 copy of the grad in place
@@ -305,8 +331,9 @@ def _torch_fused_step(plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Te
         if dst.data_ptr() != src.data_ptr():
             dst.copy_(src)
     if found_inf is None or found_inf.item() == 0.0:
-        for p, work, seed, step in rounded:
-            p.view(torch.int16).copy_(_bf16_stochastic_bits(work, int(seed), int(step.item())))
+        for p, work, seed, count in rounded:
+            count.add_(1)  # as rp_adam_step counts sr_step
+            p.view(torch.int16).copy_(_bf16_stochastic_bits(work, int(seed), int(count.item())))
 
 
 _M64 = (1 << 64) - 1
@@ -314,7 +341,7 @@ _M64 = (1 << 64) - 1
 
 def _bf16_stochastic_bits(x: Tensor, seed: int, step: int) -> Tensor:
     """stochastic_round.h in torch ops: x (fp32) rounded to bf16 bits with the kernel's random bits."""
-    z = (seed + 0x9E3779B97F4A7C15 * (step + 1)) & _M64  # rp_sr_key: splitmix64 of (seed, step)
+    z = (seed + 0x9E3779B97F4A7C15 * (step + 1)) & _M64  # rp_sr_key: splitmix64 of (seed, sr_step)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     key = z ^ (z >> 31)

@@ -10,8 +10,8 @@ from torch import Tensor
 from torch.optim.asgd import _single_tensor_asgd
 from torch.optim.optimizer import ParamsT
 
-from ._engine import _GroupPlan, _scalar, check_number
-from ._for_loop import ForLoopRule, check_lr_value
+from ._engine import _GroupPlan, _scalar, check_lr, check_number
+from ._for_loop import ForLoopRule
 
 __all__ = ["ASGD"]
 
@@ -90,7 +90,7 @@ class ASGD(ForLoopRule):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        check_lr_value(group, where)
+        check_lr(group["lr"], where)
         for key in ("lambd", "alpha", "t0"):  # torch checks none of these three's values
             check_number(group, key, where)
         if not 0.0 <= check_number(group, "weight_decay", where):

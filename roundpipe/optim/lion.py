@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, fp32_working_set
+from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_lr, check_number, fp32_working_set
 
 __all__ = ["Lion"]
 
@@ -29,7 +29,10 @@ class Lion(FusedOptimizer):
         \end{aligned}
 
     :math:`\gamma_0` is the learning rate given to the constructor, as in
-    lion-pytorch. One pass reads the param, grad and moment and writes the
+    lion-pytorch (kept in ``defaults``, so copies and unpickled optimizers
+    step as the original; lion-pytorch's lose it). As in lion-pytorch, the
+    constructor needs ``lr > 0`` and a step takes any ``lr >= 0`` (a warmup
+    from 0, a schedule that reaches 0). One pass reads the param, grad and moment and writes the
     param and moment: 20 bytes per fp32 element against Adam's 28.
     bfloat16/float16 params are computed in fp32 and rounded once;
     ``master_weights=True`` keeps an fp32 master and an fp32 moment for them.
@@ -42,6 +45,11 @@ class Lion(FusedOptimizer):
         decoupled_weight_decay: divide the decay by the initial learning rate (default: False).
         maximize: maximize the objective instead of minimizing (default: False).
         master_weights: fp32 master copies for 16-bit params (default: False).
+
+    A broadcast grad (stride 0, as ``expand`` makes) is stepped as the values it
+    holds, through a copy; with GradScaler it keeps its scaled values. Other
+    non-contiguous grads are refused. Every hyperparameter of every group is
+    type-checked before any group steps.
 
     State: ``exp_avg`` per param, as in lion-pytorch.
     """
@@ -72,20 +80,28 @@ class Lion(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
             "master_weights": master_weights,
         }
+        check_lr(lr, "")
+        if not 0.0 < _scalar(lr):  # lion-pytorch's constructor check; a step takes lr = 0
+            raise ValueError(f"Invalid learning rate: {lr}; Lion needs lr > 0")
         super().__init__(params, defaults)
-        self._init_lr = lr  # lion-pytorch divides a decoupled decay by the constructor's lr
+
+    @property
+    def _init_lr(self) -> float:
+        """The constructor's lr, by which lion-pytorch divides a decoupled decay. Read from
+        ``defaults``, which copies and pickles keep (torch's __getstate__ keeps nothing else)."""
+        return _scalar(self.defaults["lr"])
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        if not 0.0 < group["lr"]:
-            raise ValueError(f"Invalid learning rate: {group['lr']}{where}; Lion needs lr > 0")
+        check_lr(group["lr"], where)  # lr = 0 steps (a warmup from 0), as in lion-pytorch
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2){where}, got {betas!r}")
         for i, beta in enumerate(betas):
-            if not 0.0 <= beta <= 1.0:
+            if not 0.0 <= check_number({f"betas[{i}]": beta}, f"betas[{i}]", where) <= 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}{where}")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}{where}")
+        weight_decay = check_number(group, "weight_decay", where)
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg",)

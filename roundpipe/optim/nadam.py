@@ -10,8 +10,8 @@ from torch import Tensor
 from torch.optim.nadam import _single_tensor_nadam
 from torch.optim.optimizer import ParamsT
 
-from ._engine import _GroupPlan, check_number
-from ._for_loop import ForLoopRule, check_betas, check_lr_value
+from ._engine import _GroupPlan, check_lr, check_number
+from ._for_loop import ForLoopRule, check_betas
 
 __all__ = ["NAdam"]
 
@@ -98,7 +98,7 @@ class NAdam(ForLoopRule):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        check_lr_value(group, where)
+        check_lr(group["lr"], where)
         for key, what in (("eps", "epsilon value"), ("weight_decay", "weight_decay value"),
                           ("momentum_decay", "momentum_decay value")):
             if not 0.0 <= check_number(group, key, where):

@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._engine import FusedOptimizer, _GroupPlan, _scalar, check_lr, fp32_working_set, torch_dispatch_vec
+from ._engine import (
+    _PARAM_DTYPES,
+    FusedOptimizer,
+    _GroupPlan,
+    _scalar,
+    check_lr,
+    check_number,
+    fp32_working_set,
+    torch_dispatch_vec,
+)
 
 __all__ = ["SGD"]
 
@@ -31,7 +40,26 @@ class SGD(FusedOptimizer):
 
     bfloat16/float16 params are computed in fp32 and rounded once (torch 2.13's
     fused SGD leaves such params unchanged, pytorch#191763); ``master_weights=True``
-    keeps an fp32 master copy and an fp32 momentum buffer for them.
+    keeps an fp32 master copy and an fp32 momentum buffer for them. complex64
+    params are stepped as their real view (``torch.view_as_real``), bit for bit
+    torch's fused SGD on that view; torch's fused SGD refuses complex params and
+    its default for-loop step on them rounds differently (within 1e-6 relative).
+
+    Where it differs from torch on purpose:
+
+    * A first step that GradScaler skips creates no momentum buffer (torch's
+      fused SGD creates an uninitialized one, which a checkpoint then saves and
+      later steps read as momentum); the next real step is the first step, as in
+      torch's foreach SGD. No state ever holds uninitialized memory.
+    * A param whose state has no buffer when momentum is on (momentum turned on
+      mid-training, with master weights too) gets one from its next step, which
+      copies the grad, as torch's for-loop SGD does per param.
+    * A broadcast grad (stride 0, as ``expand`` makes) is stepped as the values
+      it holds, through a copy (torch's fused kernel reads it as contiguous
+      memory); with GradScaler it keeps its scaled values. Other non-contiguous
+      grads are refused.
+    * Every hyperparameter of every group is type-checked (``dampening`` too)
+      before any group steps.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -45,7 +73,8 @@ class SGD(FusedOptimizer):
         differentiable: must be False.
         master_weights: fp32 master copies for 16-bit params (default: False).
 
-    State: ``momentum_buffer`` per param when momentum is non-zero, as in torch.
+    State: ``momentum_buffer`` per param when momentum is non-zero, as in torch,
+    created by the param's first step that is not skipped.
     """
 
     _NAME = "SGD"
@@ -58,6 +87,8 @@ class SGD(FusedOptimizer):
     }
     _TORCH_VEC = torch_dispatch_vec()  # torch registers this kernel for AVX-512: 16 lanes there
     _BOOL_OPTIONS = ("nesterov", "maximize", "differentiable")
+    _PARAM_DTYPES = _PARAM_DTYPES  # complex64 too, stepped as its real view, as torch's default does
+    _FIRST_STEP_KEYS = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -83,11 +114,14 @@ class SGD(FusedOptimizer):
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         check_lr(group["lr"], where)
-        if not 0.0 <= group["momentum"]:
-            raise ValueError(f"Invalid momentum value: {group['momentum']}{where}")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}{where}")
-        if group["nesterov"] is True and (group["momentum"] <= 0 or group["dampening"] != 0):
+        momentum = check_number(group, "momentum", where)
+        dampening = check_number(group, "dampening", where)  # any value, as in torch
+        weight_decay = check_number(group, "weight_decay", where)
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}{where}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
+        if group["nesterov"] is True and (momentum <= 0 or dampening != 0):
             raise ValueError(f"Nesterov momentum requires a momentum and zero dampening{where}")
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -98,8 +132,9 @@ class SGD(FusedOptimizer):
 
     def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
         # torch's first step copies the grad into a new buffer: the kernel does that
-        # (rp_tensor.fresh), so the buffer starts empty.
-        return {k: torch.empty_like(p, dtype=d, memory_format=torch.contiguous_format) for k, d in dtypes.items()}
+        # (rp_tensor.fresh, _FIRST_STEP_KEYS). Zeros, not torch.empty: no state ever holds
+        # uninitialized memory, even for the instant before the step that writes it.
+        return {k: torch.zeros_like(p, dtype=d, memory_format=torch.contiguous_format) for k, d in dtypes.items()}
 
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
         h.lr = _scalar(group["lr"])
