@@ -53,7 +53,8 @@ static inline __attribute__((always_inline)) void asgd_elements(
     }
 }
 
-static void asgd_span(int64_t n, float *p, float *g, float *ax, const asgd_consts *k, const rp_tensor *t, int neg)
+/* Loop unswitching off, as in nadam.c: four variants, not one per unscale and neg value too. */
+__attribute__((optimize("no-unswitch-loops"))) static void asgd_span(int64_t n, float *p, float *g, float *ax, const asgd_consts *k, const rp_tensor *t, int neg)
 {
     const float decay = t->scalar[0], neg_eta = t->scalar[1], mu = t->scalar[2];
     const int average = mu != 1.0f; /* torch: mu.item() != 1 (NaN averages) */

@@ -76,8 +76,12 @@ static inline __attribute__((always_inline)) void nadam_block(
     }
 }
 
-/* n elements of one tensor (any length), all negated the same way. */
-static void nadam_span(int64_t n, float *p, float *g, float *m, float *v, const nadam_consts *k,
+/* n elements of one tensor (any length), all negated the same way. Loop
+   unswitching is off here: GCC would copy each of the six variants below once
+   per value of unscale and neg too (36 vectorized loops), which made this
+   file take 4x as long to compile as adam.c, for no measurable speed (the
+   loop-invariant branches become selects and a masked store). */
+__attribute__((optimize("no-unswitch-loops"))) static void nadam_span(int64_t n, float *p, float *g, float *m, float *v, const nadam_consts *k,
                        const rp_tensor *t, int neg)
 {
     const float c1 = t->scalar[0], c2 = t->scalar[1], bc2 = t->scalar[2];
