@@ -4,6 +4,7 @@
  */
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "runner.h"
 
@@ -29,6 +30,42 @@ int64_t rp_plan_chunks(const rp_tensor *tensors, int64_t n_tensors,
             count++;
         }
     }
+    return count;
+}
+
+int64_t rp_plan_rchunks(rp_tensor *tensors, int64_t n_tensors, int64_t rchunk_elems,
+                        int64_t n_scalars, rp_rchunk *out, int64_t capacity, int64_t *n_scratch)
+{
+    int64_t count = 0, part = 0;
+    if (rchunk_elems < 1) rchunk_elems = 1;
+    for (int64_t i = 0; i < n_tensors; i++) {
+        rp_tensor *t = &tensors[i];
+        const int64_t cols = t->cols > 0 ? t->cols : 1;
+        const int64_t rows = t->rows > 0 ? t->rows : 1;
+        const int64_t mat = rows * cols;
+        t->first_rchunk = count;
+        /* whole matrices per chunk, or rows of one matrix per chunk */
+        const int64_t mats_per = mat <= rchunk_elems ? rchunk_elems / mat : 0;
+        const int64_t rows_per = rchunk_elems / cols > 0 ? rchunk_elems / cols : 1;
+        for (int64_t m0 = 0; m0 < t->numel; m0 += mat) {
+            const int64_t step = mats_per ? mats_per * mat : rows_per * cols;
+            const int64_t stop = mats_per ? t->numel : m0 + mat; /* whole matrices: one run to the end */
+            for (int64_t b = m0; b < stop; b += step) {
+                const int64_t e = stop - b > step ? b + step : stop;
+                if (count < capacity) {
+                    out[count].tensor = i;
+                    out[count].begin = b;
+                    out[count].end = e;
+                    out[count].part = part;
+                }
+                part += n_scalars + cols; /* its scalars, then one float per column */
+                count++;
+            }
+            if (mats_per) break;
+        }
+        t->n_rchunks = count - t->first_rchunk;
+    }
+    *n_scratch = part;
     return count;
 }
 
@@ -87,10 +124,16 @@ static void probe3(float *restrict a, const float *restrict b, float *restrict c
     }
 }
 
+static void probe2(float *restrict a, const float *restrict b, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) a[i] += b[i];
+}
+
 static void probe_span(float *a, const float *b, float *c, float *d, int64_t n)
 {
     if (d) probe4(a, b, c, d, n);
-    else probe3(a, b, c, n);
+    else if (c) probe3(a, b, c, n);
+    else probe2(a, b, n);
 }
 
 static void probe_run(float *a, const float *b, float *c, float *d, int64_t n, int32_t num_threads)
@@ -189,5 +232,51 @@ void rp_roofline_probe16(float *a, const float *b, float *c, int64_t n, int32_t 
             if (c) probe_copy(a + b0, b + b0, c + b0, len);
             else probe_scale_add(a + b0, b + b0, r, len);
         }
+    }
+}
+
+/* Adafactor's three passes (adafactor.c): read a and b, read b, read b and a and
+   write a: 24 bytes per element, each pass scheduled as rp_for_each schedules a
+   step. Each chunk's sum goes to sums[chunk] so that no read can be left out. */
+typedef struct {
+    float *a;
+    const float *b;
+    float *sums;
+    int64_t n;
+    int pass;
+} probe_af_args;
+
+static void probe_af_item(int64_t k, const void *arg_)
+{
+    const probe_af_args *arg = arg_;
+    const int64_t b0 = k * RP_PROBE_CHUNK;
+    const int64_t len = arg->n - b0 < RP_PROBE_CHUNK ? arg->n - b0 : RP_PROBE_CHUNK;
+    float *restrict a = arg->a + b0;
+    const float *restrict b = arg->b + b0;
+    float acc[32] = {0}; /* 32 lanes: the sums are not latency-bound (len % 32 == 0 but the last) */
+    int64_t i = 0;
+    if (arg->pass == 0)
+        for (; i + 32 <= len; i += 32)
+            for (int l = 0; l < 32; l++) acc[l] += a[i + l] * b[i + l];
+    else if (arg->pass == 1)
+        for (; i + 32 <= len; i += 32)
+            for (int l = 0; l < 32; l++) acc[l] += b[i + l];
+    else
+        for (; i < len; i++) a[i] += b[i];
+    for (; i < len; i++) acc[0] += b[i];
+    float s = 0.0f;
+    for (int l = 0; l < 32; l++) s += acc[l];
+    arg->sums[k] = s;
+}
+
+void rp_roofline_probe_adafactor(float *a, const float *b, float *sums, int64_t n, int32_t num_threads)
+{
+    rp_run_opts run;
+    memset(&run, 0, sizeof run);
+    run.num_threads = num_threads;
+    const int64_t n_chunks = (n + RP_PROBE_CHUNK - 1) / RP_PROBE_CHUNK;
+    for (int pass = 0; pass < 3; pass++) {
+        const probe_af_args arg = {a, b, sums, n, pass};
+        rp_for_each(&run, n, n_chunks, probe_af_item, &arg);
     }
 }

@@ -35,7 +35,27 @@ typedef struct {
        dtype from _EXTRA_STATE_DTYPES), or NULL: per-param scalar state such
        as NAdam's mu_product, updated by the rule's entry point before rp_run. */
     void *aux[2];
+    /* The reduction phase (rules that reduce before their element pass, runner.h
+       rp_reduce). Filled by the engine for every rule from the param's shape: the
+       param is a stack of numel / (rows * cols) matrices of rows x cols, its last
+       two dims (a vector is numel x 1; a 0-dim or 1-element param 1 x 1). */
+    int64_t rows, cols;
+    int64_t first_rchunk, n_rchunks;  /* its chunks in rp_run_opts.rchunks          */
 } rp_tensor;
+
+/* A chunk of the reduction phase: elements [begin, end) of one tensor, whole
+   rows of its matrices (rp_tensor.rows, cols). Its bounds follow from the
+   tensor's shape alone, never from the thread count: whole matrices (as many as
+   fit in rchunk_elems elements, at least one) where a matrix fits, else rows of
+   one matrix. Its partial results live at rp_run_opts.scratch + part: first the
+   rule's n_scalars, then `cols` floats (per-column partials where the chunk holds
+   part of a matrix, end - begin < rows * cols; else room for one matrix's). */
+typedef struct {
+    int64_t tensor;
+    int64_t begin;
+    int64_t end;
+    int64_t part;
+} rp_rchunk;
 
 /* How one call runs: threads and GradScaler, the same for every rule. */
 typedef struct {
@@ -47,6 +67,12 @@ typedef struct {
                                          rounded as torch's scalar tail loop rounds them */
     const float *grad_scale;          /* GradScaler's scale, or NULL */
     const float *found_inf;           /* GradScaler's found_inf, or NULL */
+    /* The reduction phase's plan (rp_plan_rchunks) and its scratch, for rules that
+       declare one; NULL and 0 otherwise. */
+    const rp_rchunk *rchunks;
+    int64_t n_rchunks;
+    float *scratch;                   /* n_scratch floats: each rchunk's partials */
+    int64_t n_scratch;
 } rp_run_opts;
 
 /* A span [begin, end) of one tensor: the unit of work one thread takes. */
@@ -55,6 +81,13 @@ typedef struct {
     int64_t begin;
     int64_t end;
 } rp_chunk;
+
+/* Plan the reduction chunks of every tensor (fills tensors[i].first_rchunk and
+   n_rchunks): at most rchunk_elems elements each, or one row where a row is
+   longer. Writes at most `capacity` chunks to `out`, returns how many the
+   plan needs; *n_scratch gets the floats of scratch they need. */
+int64_t rp_plan_rchunks(rp_tensor *tensors, int64_t n_tensors, int64_t rchunk_elems,
+                        int64_t n_scalars, rp_rchunk *out, int64_t capacity, int64_t *n_scratch);
 
 /* Split every tensor into chunks of at most chunk_elems elements (a multiple
    of 32, so chunks start on 64-byte boundaries). Writes at most `capacity`
@@ -81,6 +114,9 @@ void rp_roofline_probe3(float *a, const float *b, float *c, int64_t n, int32_t n
    whole grad before it can update (Adafactor; its O(rows + cols) state is
    left out). roundpipe/bench. */
 void rp_roofline_probe16(float *a, const float *b, float *c, int64_t n, int32_t num_threads);
+/* rp_roofline_probe_adafactor: Adafactor's three passes, a and b read, b read, a and b
+   read and a written: 24 bytes per element (sums: one float per 16 Ki elements). */
+void rp_roofline_probe_adafactor(float *a, const float *b, float *sums, int64_t n, int32_t num_threads);
 
 /* 1 when this process is a fork() child: steps then run on one thread (see engine.c). */
 int rp_in_forked_child(void);

@@ -4,7 +4,9 @@
  *  - rp_run: one OpenMP parallel region per param group; threads pull chunks
  *    from a shared counter, so there is no fork/join per tensor. Results never
  *    depend on the thread count: every element is computed by the same code
- *    whichever chunk it falls in. Only GOMP_parallel and omp_get_* are used
+ *    whichever chunk it falls in.
+ *  - rp_reduce: the reduction phase, passes that reduce over tensors, rows,
+ *    columns or blocks before the element pass, deterministically (see there). Only GOMP_parallel and omp_get_* are used
  *    from the OpenMP runtime, so the module runs against the libgomp that the
  *    torch wheel ships (see _build.py, which links against the runtime torch
  *    loaded).
@@ -142,32 +144,114 @@ static inline int rp_skipped(const rp_run_opts *run)
     return run->found_inf && *run->found_inf != 0.0f;
 }
 
-/* Run span over every chunk of a param group: on the calling thread for small
-   groups, after fork(), or with one thread; else on an OpenMP team. */
-static inline void rp_run(const rp_run_opts *run, const rp_tensor *tensors, int64_t n_tensors,
-                          const rp_chunk *chunks, int64_t n_chunks, rp_span_fn span, const void *ctx)
+/* Work item c of n: one chunk of a pass (or one tensor of a combine). */
+typedef void (*rp_item_fn)(int64_t c, const void *arg);
+
+/* Run item(0 .. n-1) of a pass over `total` elements: on the calling thread for
+   small groups, after fork(), or with one thread; else on an OpenMP team. The
+   one scheduler of every pass (rp_run, rp_reduce). */
+static inline void rp_for_each(const rp_run_opts *run, int64_t total, int64_t n, rp_item_fn item, const void *arg)
 {
-    int64_t total = 0;
-    for (int64_t i = 0; i < n_tensors; i++) total += tensors[i].numel;
     int threads = run->num_threads;
-    if (rp_forked_child_flag || total < run->serial_below || n_chunks < 2) threads = 1;
+    if (rp_forked_child_flag || total < run->serial_below || n < 2) threads = 1;
     if (threads <= 1) {
-        for (int64_t c = 0; c < n_chunks; c++)
-            span(&tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end, ctx);
+        for (int64_t c = 0; c < n; c++) item(c, arg);
         return;
     }
-    if (threads > n_chunks) threads = (int)n_chunks;
-    /* Threads take the next chunk from a shared counter: no fork/join per
+    if (threads > n) threads = (int)n;
+    /* Threads take the next item from a shared counter: no fork/join per
        tensor, and a thread slowed by a noisy neighbour simply takes fewer. */
     int64_t next = 0;
 #pragma omp parallel num_threads(threads)
     {
         for (;;) {
             const int64_t c = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-            if (c >= n_chunks) break;
-            span(&tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end, ctx);
+            if (c >= n) break;
+            item(c, arg);
         }
     }
+}
+
+static inline int64_t rp_total_numel(const rp_tensor *tensors, int64_t n_tensors)
+{
+    int64_t total = 0;
+    for (int64_t i = 0; i < n_tensors; i++) total += tensors[i].numel;
+    return total;
+}
+
+typedef struct {
+    const rp_tensor *tensors;
+    const rp_chunk *chunks;
+    rp_span_fn span;
+    const void *ctx;
+} rp_run_args;
+
+static void rp_run_item(int64_t c, const void *arg)
+{
+    const rp_run_args *a = arg;
+    a->span(&a->tensors[a->chunks[c].tensor], a->chunks[c].begin, a->chunks[c].end, a->ctx);
+}
+
+/* Run span over every chunk of a param group (the element pass). */
+static inline void rp_run(const rp_run_opts *run, const rp_tensor *tensors, int64_t n_tensors,
+                          const rp_chunk *chunks, int64_t n_chunks, rp_span_fn span, const void *ctx)
+{
+    const rp_run_args a = {tensors, chunks, span, ctx};
+    rp_for_each(run, rp_total_numel(tensors, n_tensors), n_chunks, rp_run_item, &a);
+}
+
+/* ---- the reduction phase ---------------------------------------------------------
+ *
+ * A rule that needs a reduction over a tensor before its element pass (a norm, the
+ * sums of squares of each row and column, a block's absmax) runs one or more
+ * rp_reduce passes, then rp_run. One pass:
+ *  1. rspan over every reduction chunk (rp_run_opts.rchunks, planned by
+ *     rp_plan_rchunks from each tensor's shape alone), in parallel across all the
+ *     tensors of the group. A chunk writes only what it owns: its partials at
+ *     run->scratch + chunk->part, and any state of the rows or whole matrices it holds.
+ *  2. combine over every tensor, in parallel across tensors: one thread folds a
+ *     tensor's chunk partials in chunk order (first_rchunk .. + n_rchunks) and writes
+ *     the tensor's results (state, rp_tensor.scalar).
+ * Every partial is computed by the same code whichever thread runs it and folded
+ * in a fixed order, so results never depend on the thread count. The element pass
+ * reads the combined results; the C call is still one per param group.
+ */
+
+/* A reduction pass's work on one chunk; part: its partials (rp_rchunk.part). */
+typedef void (*rp_rspan_fn)(const rp_tensor *t, const rp_rchunk *chunk, float *part, const void *ctx);
+/* The fold of one tensor: its chunks are run->rchunks[t->first_rchunk ...]. */
+typedef void (*rp_combine_fn)(rp_tensor *t, const rp_run_opts *run, const void *ctx);
+
+typedef struct {
+    const rp_run_opts *run;
+    rp_tensor *tensors;
+    rp_rspan_fn rspan;
+    rp_combine_fn combine;
+    const void *ctx;
+} rp_reduce_args;
+
+static void rp_rspan_item(int64_t c, const void *arg)
+{
+    const rp_reduce_args *a = arg;
+    const rp_rchunk *ch = &a->run->rchunks[c];
+    a->rspan(&a->tensors[ch->tensor], ch, a->run->scratch + ch->part, a->ctx);
+}
+
+static void rp_combine_item(int64_t i, const void *arg)
+{
+    const rp_reduce_args *a = arg;
+    a->combine(&a->tensors[i], a->run, a->ctx);
+}
+
+/* One reduction pass over a param group: rspan on every chunk, then combine on
+   every tensor (either may be NULL). */
+static inline void rp_reduce(const rp_run_opts *run, rp_tensor *tensors, int64_t n_tensors,
+                             rp_rspan_fn rspan, rp_combine_fn combine, const void *ctx)
+{
+    const rp_reduce_args a = {run, tensors, rspan, combine, ctx};
+    const int64_t total = rp_total_numel(tensors, n_tensors);
+    if (rspan) rp_for_each(run, total, run->n_rchunks, rp_rspan_item, &a);
+    if (combine) rp_for_each(run, total, n_tensors, rp_combine_item, &a);
 }
 
 /* ---- 16-bit params and state for rules written over fp32 arrays ------------- */

@@ -55,7 +55,11 @@ PROBE_20 = Probe(20, "rp_roofline_probe3", 3, "3 arrays read, 2 written (SGD mom
 PROBE_16_WRITE = Probe(16, "rp_roofline_probe16", 3,
                        "2 arrays read, 2 written, one of them never read (ASGD before averaging: p, g; ax = p)")
 PROBE_16_REDUCE = Probe(16, "rp_roofline_probe16", 2,
-                        "a reduction pass over g, then p read and written and g read again (Adafactor)")
+                        "a reduction pass over g, then p read and written and g read again")
+# Adafactor's three passes (adafactor.c): p and g read (norms, row and column sums), g read
+# (the update's norm, which needs the finished factors), then p and g read and p written.
+PROBE_24_ADAFACTOR = Probe(24, "rp_roofline_probe_adafactor", 3,
+                           "p and g read, g read, p and g read and p written (Adafactor's three passes)")
 
 
 class RooflineProbe:
@@ -227,7 +231,7 @@ OPTIMIZERS: list[OptimizerSpec] = [
                   note="no momentum, not centered: p, g, square_avg"),
     OptimizerSpec("rprop", "Rprop", {"lr": 1e-2}, PROBE_28, TORCH_FOREACH_DEFAULT, goals=ISSUE23_GOALS),
     # issue 25: the factored second moment is O(rows + cols): param and grad, the grad read twice
-    OptimizerSpec("adafactor", "Adafactor", {"lr": 1e-2}, PROBE_16_REDUCE, TORCH_FOREACH_DEFAULT,
+    OptimizerSpec("adafactor", "Adafactor", {"lr": 1e-2}, PROBE_24_ADAFACTOR, TORCH_FOREACH_DEFAULT,
                   goals=ADAFACTOR_GOALS, note="state O(rows + cols), left out of B/el; the grad is read twice"),
 ]
 BY_KEY = {s.key: s for s in OPTIMIZERS}

@@ -1,4 +1,4 @@
-"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad, NAdam, ASGD and Lion.
+"""CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad, Adafactor, NAdam, ASGD and Lion.
 
 Each optimizer's C kernel is compiled for this host the first time that optimizer is built
 (once per host, then cached), or all of them by ``python -m roundpipe build``; see
@@ -7,6 +7,7 @@ roundpipe._build.
 
 from .. import _build
 from ._engine import FusedOptimizer, native_available
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .asgd import ASGD
@@ -19,4 +20,4 @@ from .sgd import SGD
 if _build._env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
     _build.load_kernel()
 
-__all__ = ["ASGD", "Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "NAdam", "SGD", "native_available"]
+__all__ = ["ASGD", "Adafactor", "Adagrad", "Adam", "AdamW", "FusedOptimizer", "Lion", "NAdam", "SGD", "native_available"]

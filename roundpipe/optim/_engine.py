@@ -16,6 +16,17 @@ An optimizer is a subclass of :class:`FusedOptimizer` that supplies its rule:
   and ``_C_STEP`` names the C entry point (one file per rule in ``roundpipe/_kernels``);
 * ``_fallback_step``: the same step with torch's own kernels, for hosts without a compiler.
 
+Rules whose state is not shaped like the param, or that reduce before their element pass
+(Adafactor's row and column sums of squares and norms; block scales), add:
+
+* ``_param_state_keys``: the keys one param has, where params of a group differ (a subset of
+  ``_state_keys``, which then lists them all; rp_tensor.state follows the param's own order);
+* ``_state_shape``: each state tensor's shape (default: the param's);
+* ``_REDUCE_SCALARS``: not None to run the reduction phase (``rp_reduce`` in runner.h): the
+  engine plans reduction chunks from each param's shape (rp_tensor.rows, cols: its last two
+  dims; whole rows, never split by the thread count) and a zeroed scratch of this many floats
+  per chunk plus one per column, and hands both to the C entry point in rp_run_opts.
+
 Everything else is written once, here: validation before anything is mutated, with
 errors that name the group and parameter; plans reused between steps and checked in
 C-level passes (every pointer the C code will touch: address, storage size, dtype);
@@ -51,6 +62,12 @@ CHUNK_ELEMS = 16384
 # Param groups with fewer elements run on the calling thread: waking the
 # OpenMP team costs more than it saves. Measured by scripts/bench.py --sweep-serial.
 SERIAL_BELOW = 32768
+
+# Elements per chunk of the reduction phase (whole rows, rp_plan_rchunks): 16 MiB of fp32.
+# A tensor that fits in one chunk is reduced in exactly the order of one sequential loop
+# (torch's norms are such loops: Adafactor gets torch's bits), bigger ones fold their
+# chunks' partials in chunk order; smaller chunks would balance threads better.
+RCHUNK_ELEMS = 1 << 22
 
 # torch's fused CPU optimizers run Vectorized<float> of 8 lanes: their kernels are built
 # for AVX2 and not registered for AVX-512 (REGISTER_DISPATCH), and the NEON, SVE256 and
@@ -133,10 +150,11 @@ def _local_ptr(t: Tensor) -> int:
     return _local(t).data_ptr()
 
 
-def _state_column(states: list[dict[str, Any]], key: str) -> list[Tensor]:
+def _state_column(states: list[dict[str, Any]], key: str, every: bool = True) -> list[Tensor]:
     """state[key] of every param, in C-level passes; masters only where there is one
-    (the fp32 params of a master_weights group have none)."""
-    if key == "master_param":
+    (the fp32 params of a master_weights group have none), and likewise any key that not
+    every param has (every=False: a rule with _param_state_keys)."""
+    if key == "master_param" or not every:
         return [t for t in map(operator.methodcaller("get", key), states) if t is not None]
     return list(map(operator.itemgetter(key), states))
 
@@ -181,6 +199,9 @@ class _GroupPlan:
         self.tensors: Any = None  # rp_tensor[] (native path)
         self.chunks: Any = None  # rp_chunk[]
         self.n_chunks = 0
+        self.rchunks: Any = None  # rp_rchunk[] and float[] scratch: the reduction phase's plan
+        self.state_every = True  # every param has every state key (False: a rule with _param_state_keys)
+        self.scratch: Any = None
         self.hyper: Any = None  # the rule's hyperparameter struct (rp_adam_hyper *, ...)
         self.run_opts: Any = None  # rp_run_opts *
         self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
@@ -232,7 +253,7 @@ class _GroupPlan:
             return None
         try:
             for key, tensors, ptrs, nbytes in zip(self.state_keys, self.state_tensors, self.state_ptrs, self.state_bytes, strict=True):
-                current = _state_column(self.states, key)
+                current = _state_column(self.states, key, self.state_every)
                 if not all(map(operator.is_, current, tensors)):
                     return None  # a state tensor was replaced
                 if list(map(self.ptr_of, current)) != ptrs or (nbytes is not None and self.storage_bytes(current) != nbytes):
@@ -365,6 +386,18 @@ class FusedOptimizer(Optimizer):
     def _check_param(self, p: Tensor, group: dict[str, Any], where: str) -> None:
         """Raise for a param the rule's options do not allow (beyond _check_tensor's rules)."""
 
+    # Not None: the rule runs the reduction phase, with this many floats of partials per
+    # reduction chunk (plus one per column of the param's last dim), see the module doc.
+    _REDUCE_SCALARS: ClassVar[int | None] = None
+
+    def _param_state_keys(self, p: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state tensors of param p, in rp_tensor.state order (default: _state_keys(group))."""
+        return self._state_keys(group)
+
+    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
+        """The shape of state[key] for param p (default: the param's)."""
+        return tuple(p.shape)
+
     def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
         """1-element state tensors beyond _state_keys (dtypes in _EXTRA_STATE_DTYPES), in rp_tensor.aux order."""
         return ()
@@ -402,7 +435,7 @@ class FusedOptimizer(Optimizer):
         master = bool(group.get("master_weights")) and p.dtype in _LOW_PRECISION
         base = torch.float32 if master else p.dtype
         dtypes = {}
-        for key in self._state_keys(group):
+        for key in self._param_state_keys(p, group):
             option = self._STATE_DTYPE_OPTIONS.get(key)
             dtypes[key] = (group.get(option) if option else None) or base
         return master, dtypes
@@ -658,11 +691,13 @@ class FusedOptimizer(Optimizer):
             if not isinstance(t, Tensor):
                 raise RuntimeError(f"roundpipe {who}: {where} has state[{name!r}] = {t!r}, not a tensor")
             lt = _local(t)
-            if (t.dtype != dtype or t.shape != p.shape or lt.shape != _local(p).shape or t.device.type != "cpu"
+            shape = tuple(p.shape) if name == "master_param" else self._state_shape(p, name)
+            local_shape = _local(p).shape if shape == tuple(p.shape) else shape
+            if (t.dtype != dtype or tuple(t.shape) != shape or lt.shape != local_shape or t.device.type != "cpu"
                     or not lt.is_contiguous()):
                 raise RuntimeError(
                     f"roundpipe {who}: {where} has state[{name!r}] of dtype {t.dtype}, shape {tuple(t.shape)} "
-                    f"on {t.device}; this group keeps it as a contiguous CPU {dtype} tensor of shape {tuple(p.shape)}"
+                    f"on {t.device}; this group keeps it as a contiguous CPU {dtype} tensor of shape {shape}"
                 )
             if lt.numel():
                 _check_allocated(lt, f"state[{name!r}]", where, who)
@@ -725,7 +760,8 @@ class FusedOptimizer(Optimizer):
         if group.get("master_weights") and any(p.dtype in _LOW_PRECISION for p in plan.params):
             keys.append("master_param")
         plan.state_keys = tuple(keys)
-        plan.state_tensors = [_state_column(plan.states, k) for k in keys]
+        plan.state_every = type(self)._param_state_keys is FusedOptimizer._param_state_keys
+        plan.state_tensors = [_state_column(plan.states, k, plan.state_every) for k in keys]
         plan.state_ptrs = [list(map(plan.ptr_of, ts)) for ts in plan.state_tensors]
         # A 0-dim step's storage cannot shrink in place and keep its address (resize_(0) makes it
         # NULL, which its address check sees): its size is not rechecked each step.
@@ -736,9 +772,9 @@ class FusedOptimizer(Optimizer):
         kernel = cast(Any, self._kernel)  # called only when the kernel loaded
         ffi, lib = kernel.ffi, kernel.lib
         n = len(plan.params)
-        keys = self._state_keys(plan.group)
         tensors = ffi.new("rp_tensor[]", max(n, 1))
         for i, (p, g, st) in enumerate(zip(plan.params, plan.grads, plan.states, strict=True)):
+            keys = self._param_state_keys(p, plan.group)
             views = [_local(x) for x in (p, g, *(st[k] for k in keys))]
             views = [torch.view_as_real(x) if x.is_complex() else x for x in views]
             # plan.params, plan.grads and plan.state_tensors hold the tensors behind
@@ -754,6 +790,11 @@ class FusedOptimizer(Optimizer):
             t.master = ffi.cast("float *", _local_ptr(master)) if master is not None else ffi.NULL
             t.step = ffi.cast("float *", st["step"].data_ptr()) if self._HAS_STEP else ffi.NULL
             t.numel = views[0].numel()
+            shape = views[0].shape  # the stack of matrices the reduction phase sees: its last two dims
+            t.cols = shape[-1] if len(shape) >= 1 else 1
+            t.rows = shape[-2] if len(shape) >= 2 else 1
+            if len(shape) == 1:
+                t.rows, t.cols = t.numel, 1  # a vector: one column
             t.param_dtype = _DTYPE_CODES[views[0].dtype]
             t.fresh = plan.fresh[i]
             self._fill_tensor(t, ffi, p, st, plan.group)
@@ -766,6 +807,14 @@ class FusedOptimizer(Optimizer):
         plan.tensors, plan.chunks, plan.n_chunks = tensors, chunks, n_chunks
         plan.hyper = ffi.new(self._C_HYPER + " *")
         plan.run_opts = ffi.new("rp_run_opts *")
+        if self._REDUCE_SCALARS is not None:  # the reduction phase's chunks and scratch (zeroed)
+            n_scratch = ffi.new("int64_t *")
+            n_r = lib.rp_plan_rchunks(tensors, n, RCHUNK_ELEMS, self._REDUCE_SCALARS, ffi.NULL, 0, n_scratch)
+            plan.rchunks = ffi.new("rp_rchunk[]", max(n_r, 1))
+            lib.rp_plan_rchunks(tensors, n, RCHUNK_ELEMS, self._REDUCE_SCALARS, plan.rchunks, n_r, n_scratch)
+            plan.scratch = ffi.new("float[]", max(n_scratch[0], 1))
+            plan.run_opts.rchunks, plan.run_opts.n_rchunks = plan.rchunks, n_r
+            plan.run_opts.scratch, plan.run_opts.n_scratch = plan.scratch, n_scratch[0]
         plan.grad_ptrs = ffi.new("uintptr_t[]", max(n, 1))
 
     def _run(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
