@@ -30,7 +30,11 @@ typedef struct {
     int32_t reserved;
     /* Per-tensor scalars, written by the rule's entry point once per step,
        before any thread starts (Adam: they depend on this tensor's step). */
-    float scalar[2];
+    float scalar[4];
+    /* The rule's 1-element extra state tensors (_extra_state, in its order;
+       dtype from _EXTRA_STATE_DTYPES), or NULL: per-param scalar state such
+       as NAdam's mu_product, updated by the rule's entry point before rp_run. */
+    void *aux[2];
     /* The reduction phase (rules that reduce before their element pass, runner.h
        rp_reduce). Filled by the engine for every rule from the param's shape: the
        param is a stack of numel / (rows * cols) matrices of rows x cols, its last

@@ -14,6 +14,7 @@
  * with tail_start = numel - numel % V and scalar_start = numel - numel % 8.
  * With V = 8 the middle region is empty.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -44,3 +45,188 @@ static inline __attribute__((always_inline)) float rp_flip_sign(float x)
     memcpy(&x, &u, 4);
     return x;
 }
+
+/* torch's .sqrt() of a contiguous float tensor, element for element. Where
+   torch is built with MKL, its unary kernel calls MKL's vmsSqrt (VML_HA |
+   VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is not correctly rounded: about
+   one result in six is 1 ulp off sqrtf's. `how` says which sqrt torch's is
+   here, as roundpipe/optim/_for_loop.py found it (checked on a probe):
+     RP_SQRT_IEEE   sqrtf (torch without MKL: its Vectorized sqrt is IEEE);
+     RP_SQRT_MKL_Z0 MKL's AVX-512 kernel (mkl_vml_kernel_sSqrt_Z0HAynn, what
+                    MKL runs on Intel CPUs), the same instructions inline;
+     RP_SQRT_MKL_L9 MKL's AVX2 kernel (..._L9HAynn);
+     RP_SQRT_MKL_H8 MKL's unfused SSE kernel (..._H8HAynn: what MKL 2024 runs
+                    on AMD CPUs, which it does not give its AVX2/AVX-512 code);
+     RP_SQRT_CALL   `vml` itself, MKL's vmsSqrt, called per block: ~9 us a
+                    call, several times the cost of the rest of a NAdam step.
+   The kernels' first step is the CPU's own rsqrt estimate, which differs
+   between vendors: the probe decides, on the host that runs the step.
+   Results do not depend on n or on where a block starts. */
+typedef void (*rp_vml_fn)(int n, const float *a, float *r, unsigned long long mode);
+#define RP_VML_TORCH_MODE 0x140102ull /* VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE */
+enum { RP_SQRT_IEEE = 0, RP_SQRT_MKL_Z0 = 1, RP_SQRT_MKL_L9 = 2, RP_SQRT_MKL_H8 = 3, RP_SQRT_CALL = 4 };
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* MKL's AVX-512 sqrt, from its disassembly: y = rsqrt14(x), s = x*y, h = y/2,
+   then s + h (x - s*s) with both steps fused; where y > 2^39 (tiny x) the
+   residual is taken on x * 2^78 and s * 2^39 and h scaled back by 2^-78.
+   Zeros and +Inf are returned as they are, negative x (and -Inf) as +qNaN,
+   NaNs through the arithmetic (quieted). */
+static inline __m512 rp_mkl_sqrt16(__m512 x)
+{
+    const __m512 y = _mm512_rsqrt14_ps(x);
+    const __m512 h = _mm512_mul_ps(y, _mm512_set1_ps(0.5f));
+    const __m512 s = _mm512_mul_ps(y, x);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_set1_ps(0x1p39f), y, _CMP_LT_OS);
+    const __m512 xs = _mm512_mask_mul_ps(x, tiny, x, _mm512_set1_ps(0x1p78f));
+    const __m512 ss = _mm512_mask_mul_ps(s, tiny, s, _mm512_set1_ps(0x1p39f));
+    const __m512 hs = _mm512_mask_mul_ps(h, tiny, h, _mm512_set1_ps(0x1p-78f));
+    const __m512 r = _mm512_fnmadd_ps(ss, ss, xs);           /* x - s*s */
+    __m512 out = _mm512_fmadd_ps(r, hs, s);                  /* s + h * (x - s*s) */
+    /* +-0, +-Inf and negative finite x (fpclass 0x5e): x itself, negatives then NaN */
+    const __mmask16 special = _mm512_fpclass_ps_mask(x, 0x5e);
+    out = _mm512_mask_mov_ps(out, special, x);
+    const __mmask16 negative = _mm512_fpclass_ps_mask(x, 0x50); /* -Inf, negative finite */
+    return _mm512_mask_mov_ps(out, negative, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)));
+}
+#endif
+
+#ifdef __AVX2__
+#include <immintrin.h>
+/* MKL's AVX2 sqrt (fused: ..._L9HAynn) and its SSE one (unfused: ..._H8HAynn,
+   what MKL 2024 runs on AMD CPUs), from their disassembly, for positive
+   normal x: y = rsqrt(x) (the CPU's 12-bit estimate), s = x*y, h = y/2,
+   e = 1/2 - s*h, s1 = s + s*e, h1 = h + h*e, then s1 + h1 (x - s1*s1). Other
+   lanes (zeros, denormals, Inf, NaN, negatives) take MKL's own per-element
+   path: rp_torch_sqrt hands them to vmsSqrt. Returns the mask of those lanes. */
+static inline int rp_mkl_sqrt8(const float *a, float *r, const int fused)
+{
+    const __m256 x = _mm256_loadu_ps(a);
+    /* not a positive normal: bits + 0x7f800000 > 0xfeffffff as signed ints */
+    const __m256i t = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x7f800000));
+    const __m256i special = _mm256_cmpgt_epi32(t, _mm256_set1_epi32((int)0xfeffffff));
+    const __m256 y = _mm256_rsqrt_ps(x);
+    const __m256 half = _mm256_set1_ps(0.5f);
+    const __m256 s = _mm256_mul_ps(y, x), h = _mm256_mul_ps(y, half);
+    __m256 res;
+    if (fused) {
+        const __m256 e = _mm256_fnmadd_ps(s, h, half);
+        const __m256 s1 = _mm256_fmadd_ps(e, s, s), h1 = _mm256_fmadd_ps(e, h, h);
+        res = _mm256_fmadd_ps(h1, _mm256_fnmadd_ps(s1, s1, x), s1);
+    } else {
+        const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(s, h));
+        const __m256 s1 = _mm256_add_ps(_mm256_mul_ps(s, e), s), h1 = _mm256_add_ps(_mm256_mul_ps(e, h), h);
+        const __m256 rr = _mm256_sub_ps(x, _mm256_mul_ps(s1, s1));
+        res = _mm256_add_ps(_mm256_mul_ps(rr, h1), s1);
+    }
+    _mm256_storeu_ps(r, res);
+    return _mm256_movemask_ps(_mm256_castsi256_ps(special));
+}
+
+static inline void rp_mkl_sqrt_avx2(const void *vml, int64_t n, const float *restrict a, float *restrict r,
+                                    const int fused)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const int special = rp_mkl_sqrt8(a + i, r + i, fused);
+        for (int j = 0; special && j < 8; j++) /* rare but for zeros: MKL's own path */
+            if (special >> j & 1) ((rp_vml_fn)vml)(1, a + i + j, r + i + j, RP_VML_TORCH_MODE);
+    }
+    for (; i < n; i++) { /* fewer than 8 left: one at a time, through a padded copy */
+        float in[8] = {1, 1, 1, 1, 1, 1, 1, 1}, out[8];
+        in[0] = a[i];
+        if (rp_mkl_sqrt8(in, out, fused) & 1) ((rp_vml_fn)vml)(1, a + i, r + i, RP_VML_TORCH_MODE);
+        else r[i] = out[0];
+    }
+}
+#endif
+
+static inline void rp_torch_sqrt(const void *vml, int how, int64_t n, const float *restrict a, float *restrict r)
+{
+#ifdef __AVX2__
+    if (how == RP_SQRT_MKL_L9 && vml) {
+        rp_mkl_sqrt_avx2(vml, n, a, r, 1);
+        return;
+    }
+    if (how == RP_SQRT_MKL_H8 && vml) {
+        rp_mkl_sqrt_avx2(vml, n, a, r, 0);
+        return;
+    }
+#endif
+#ifdef __AVX512F__
+    if (how == RP_SQRT_MKL_Z0) {
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) _mm512_storeu_ps(r + i, rp_mkl_sqrt16(_mm512_loadu_ps(a + i)));
+        if (i < n) {
+            const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+            _mm512_mask_storeu_ps(r + i, m, rp_mkl_sqrt16(_mm512_maskz_loadu_ps(m, a + i)));
+        }
+        return;
+    }
+#endif
+    if (how != RP_SQRT_IEEE && vml) {
+        ((rp_vml_fn)vml)((int)n, a, r, RP_VML_TORCH_MODE);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) r[i] = sqrtf(a[i]);
+}
+
+/* r, unless x is a NaN: then x, unchanged. torch's elementwise binary ops (add,
+   sub, mul, lerp, addcmul, addcdiv) return the NaN of their second tensor
+   operand when both operands are NaNs (addcdiv: tensor1's, then tensor2's,
+   then self's), in their vector body and scalar tail alike (measured with
+   distinct NaN payloads). GCC orders a commutative op's operands as it likes,
+   and x86 returns the first operand's NaN: rules pick the NaN explicitly. */
+static inline __attribute__((always_inline)) float rp_nan_from(float x, float r)
+{
+    return x != x ? x : r;
+}
+
+/* torch's -g, element i of a tensor whose torch vector body ends at tail_start
+   (rp_regions): a sign flip for real tensors and in a complex tensor's scalar
+   tail, but 0 - g in a complex tensor's vector body (Vectorized<complex>::neg),
+   which keeps a NaN's sign and turns -0 into +0. How each element negates is
+   decided per span by the rule (negate_mode below), not per element. */
+enum { RP_NEG_NONE = 0, RP_NEG_FLIP = 1, RP_NEG_SUB = 2 };
+
+static inline __attribute__((always_inline)) float rp_torch_neg(float g, int mode)
+{
+    if (mode == RP_NEG_FLIP) return rp_flip_sign(g);
+    if (mode == RP_NEG_SUB) return 0.0f - g;
+    return g;
+}
+
+/* Element i's grad in a rule whose reference is torch's for-loop step: GradScaler's
+   unscale_ first (g * inv_scale, stored back, as GradScaler does before torch's
+   step), then torch's -g for maximize (neg: rp_torch_neg's mode). */
+static inline __attribute__((always_inline)) float rp_loop_grad(float *g, int64_t i, int unscale,
+                                                                float inv_scale, int neg)
+{
+    float gi = g[i];
+    if (unscale) {
+        gi = gi * inv_scale;
+        g[i] = gi;
+    }
+    return rp_torch_neg(gi, neg);
+}
+
+/* torch's g.add(p, alpha=wd): one rounding, and p's NaN before g's. */
+static inline __attribute__((always_inline)) float rp_coupled_decay(float g, float p, float wd)
+{
+    return rp_nan_from(p, fmaf(p, wd, g));
+}
+
+/* With maximize, how many of the n elements from `first` on negate as torch's
+   complex vector body does (RP_NEG_SUB); the rest flip their sign. 0 for a
+   real tensor. numel, tail_start: the tensor's, in floats (rp_regions). */
+static inline int64_t rp_neg_sub_count(int is_complex, int64_t tail_start, int64_t first, int64_t n)
+{
+    const int64_t k = is_complex ? tail_start - first : 0;
+    return k < 0 ? 0 : k > n ? n : k;
+}
+
+/* A rule's exported copy of rp_torch_sqrt, for roundpipe/optim/_for_loop.py to
+   check `how` against torch.sqrt once (each rule's module may be built alone). */
+#define RP_EXPORT_TORCH_SQRT(name) \
+    void name(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n) { rp_torch_sqrt(vml_sqrt, how, n, a, r); }

@@ -6,6 +6,12 @@ An optimizer is a subclass of :class:`FusedOptimizer` that supplies its rule:
 * its state layout: ``_state_keys`` (the tensors the C loop reads and writes, in the
   order of ``rp_tensor.state``), ``_new_state`` (what a first step creates, as torch
   does), ``_HAS_STEP`` (a ``step`` tensor the C code counts);
+* its per-param scalar state, if any: ``_extra_state`` names 1-element state tensors
+  beyond ``_state_keys`` (Adam's ``sr_seed``, NAdam's ``mu_product``, ASGD's ``eta``
+  and ``mu``), each of the dtype ``_EXTRA_STATE_DTYPES`` declares. They are checked with
+  the rest of the state, kept in that dtype by ``load_state_dict`` (torch would cast
+  them to the param's dtype), and the C code reaches them through ``rp_tensor.aux``
+  (in ``_extra_state`` order), to update them serially before ``rp_run``;
 * its scalars per step: ``_fill_hyper`` writes its C hyperparameter struct ``_C_HYPER``,
   and ``_C_STEP`` names the C entry point (one file per rule in ``roundpipe/_kernels``);
 * ``_fallback_step``: the same step with torch's own kernels, for hosts without a compiler.
@@ -320,6 +326,8 @@ class FusedOptimizer(Optimizer):
     _BOOL_OPTIONS: ClassVar[tuple[str, ...]] = ("maximize", "capturable", "differentiable")
     # State key -> the group option that sets its dtype (torch.float32 / torch.bfloat16 / None).
     _STATE_DTYPE_OPTIONS: ClassVar[dict[str, str]] = {}
+    # Each _extra_state key -> its dtype (a 1-element CPU tensor; the C code reads it through rp_tensor.aux).
+    _EXTRA_STATE_DTYPES: ClassVar[dict[str, torch.dtype]] = {}
     # State keys whose first step writes them without reading them (SGD's momentum_buffer, which
     # takes the grad; rp_tensor.fresh). A param whose state lacks one steps as on its first step
     # (momentum turned on mid-training), and a step GradScaler skips creates no state at all:
@@ -397,7 +405,7 @@ class FusedOptimizer(Optimizer):
         return tuple(p.shape)
 
     def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """State tensors beyond _state_keys that the C code reads by their own rp_tensor field."""
+        """1-element state tensors beyond _state_keys (dtypes in _EXTRA_STATE_DTYPES), in rp_tensor.aux order."""
         return ()
 
     def _new_extra_state(self, key: str, p: Tensor, state: dict[str, Any]) -> Tensor:
@@ -523,10 +531,10 @@ class FusedOptimizer(Optimizer):
                     # torch casts every state tensor of a float param to its dtype, uint8 codes too
                     if value.is_floating_point() or not dtype.is_floating_point:
                         st[key] = value.to(device=p.device, dtype=dtype, copy=True)
-                for key in self._extra_state(group):  # integer state (sr_seed): torch casts it to floats
-                    value = saved.get(key)
-                    if isinstance(value, Tensor) and not value.is_floating_point():
-                        st[key] = value.to(device=p.device, copy=True)
+                for key in self._extra_state(group):  # torch casts sr_seed, mu_product, ... to the param's dtype
+                    value, dtype = saved.get(key), self._EXTRA_STATE_DTYPES[key]
+                    if isinstance(value, Tensor) and st[key].dtype != dtype:
+                        st[key] = value.to(device=p.device, dtype=dtype, copy=True)
             self._plans.clear()
 
     # ---- step ------------------------------------------------------------------------
@@ -668,12 +676,14 @@ class FusedOptimizer(Optimizer):
                      where: str, extra: tuple[str, ...] = ()) -> None:
         """A param's existing state must be what the C code will read: keys, dtypes, shapes, memory."""
         who = self._NAME
-        for name in extra:  # an int64 scalar each (sr_seed); one missing is created on the first step
-            t = st.get(name)
-            if t is not None and not (isinstance(t, Tensor) and t.numel() == 1 and t.dtype == torch.int64
+        for name in extra:  # 1-element scalars; a missing integer one (a seed) is created on the first step
+            t, dtype = st.get(name), self._EXTRA_STATE_DTYPES[name]
+            if t is None and dtype.is_floating_point:
+                raise RuntimeError(f"roundpipe {who}: {where} has no state[{name!r}]")
+            if t is not None and not (isinstance(t, Tensor) and t.numel() == 1 and t.dtype == dtype
                                       and t.device.type == "cpu" and not _is_dtensor(t)):
                 raise RuntimeError(f"roundpipe {who}: {where} has state[{name!r}] = {t!r}; it must be a "
-                                   "1-element int64 CPU tensor")
+                                   f"1-element {str(dtype).removeprefix('torch.')} CPU tensor")
             if isinstance(t, Tensor):
                 _check_allocated(t, f"state[{name!r}]", where, who)
         master, dtypes = layout
@@ -797,6 +807,9 @@ class FusedOptimizer(Optimizer):
             t.param_dtype = _DTYPE_CODES[views[0].dtype]
             t.fresh = plan.fresh[i]
             self._fill_tensor(t, ffi, p, st, plan.group)
+            for j, key in enumerate(self._extra_state(plan.group)):
+                x = st.get(key)
+                t.aux[j] = ffi.cast("void *", x.data_ptr()) if x is not None else ffi.NULL
         n_chunks = lib.rp_plan_chunks(tensors, n, CHUNK_ELEMS, ffi.NULL, 0)
         chunks = ffi.new("rp_chunk[]", max(n_chunks, 1))
         lib.rp_plan_chunks(tensors, n, CHUNK_ELEMS, chunks, n_chunks)
@@ -1065,7 +1078,8 @@ def fp32_working_set(plan: _GroupPlan, keys: tuple[str, ...], unscale: bool
                      ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]], list[tuple[Tensor, Tensor]]]:
     """The group's params, grads and state (per key) as fp32 tensors for torch's kernels.
 
-    fp32 tensors are used as they are; a master copy stands in for its param; any other
+    fp32 tensors are used as they are, complex64 ones as their real view; a master copy
+    stands in for its param; any other
     tensor gets an fp32 copy, listed in the returned (destination, copy) pairs to be
     copied back after the step. The grad is copied back only when the step unscales it.
     """
@@ -1080,6 +1094,8 @@ def fp32_working_set(plan: _GroupPlan, keys: tuple[str, ...], unscale: bool
             return torch.view_as_real(t)
         if t.dtype == torch.float32:
             return t
+        if t.dtype == torch.complex64:  # stepped as its real view, as torch's for-loop rules do
+            return torch.view_as_real(t)
         work = t.float()
         if write_back:
             back.append((t, work))

@@ -200,6 +200,8 @@ class Adam(FusedOptimizer):
     def _config(self, group: dict[str, Any]) -> tuple:
         return (bool(group["amsgrad"]), bool(group.get("bf16_stochastic_round")))
 
+    _EXTRA_STATE_DTYPES: ClassVar[dict[str, torch.dtype]] = {"sr_seed": torch.int64, "sr_step": torch.int64}
+
     def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sr_seed", "sr_step") if group.get("bf16_stochastic_round") else ()
 

@@ -1,0 +1,403 @@
+"""NAdam and ASGD (issue 23) against torch 2.13's default for-loop step (foreach=False), bit for bit.
+
+One spec table (SPECS: rule -> our class, torch's, flags, state keys) drives every generic test,
+so that the new rules' test files can be merged into one. The exhaustive bit matrix (every flag
+combination, sizes 1..67 and large, NaN/Inf, Tensor lr, GradScaler scales, 1 and 2 threads) is
+scripts/loop_rules_harness.py; here is a representative slice of it, and the contracts: torch
+checkpoints both ways mid-training, 16-bit = the fp32 step rounded once, master weights,
+torch's GradScaler, bad input raising before anything is mutated, the fallback without a
+compiler, and the engine's per-param scalar state (mu_product, eta, mu).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import textwrap
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+
+from conftest import assert_bits_equal, randn_grads, run_python, train_twins
+
+import roundpipe.optim as rpo
+from roundpipe.optim import _for_loop
+
+
+class Spec(NamedTuple):
+    ours: type
+    ref: type
+    kw: dict[str, Any]  # hyperparameters for the contract tests
+    flags: list[dict[str, Any]]  # the bit-identity slice
+    keys: tuple[str, ...]  # torch's state keys
+    scalars: tuple[str, ...]  # of them, the per-param scalar state
+
+
+SPECS = {
+    "NAdam": Spec(
+        rpo.NAdam, torch.optim.NAdam, {"lr": 2e-2, "weight_decay": 0.05},
+        [{}, {"weight_decay": 0.05}, {"weight_decay": 0.05, "decoupled_weight_decay": True},
+         {"maximize": True, "betas": (0.3, 0.5), "momentum_decay": 0.3}, {"eps": 0.0, "maximize": True}],
+        ("step", "mu_product", "exp_avg", "exp_avg_sq"), ("mu_product",)),
+    "ASGD": Spec(
+        rpo.ASGD, torch.optim.ASGD, {"lr": 5e-2, "t0": 1.0, "weight_decay": 0.05},
+        [{}, {"t0": 0.0, "weight_decay": 0.05}, {"t0": 1.5, "maximize": True, "lambd": 0.5, "alpha": 0.5},
+         {"t0": 2.0, "alpha": 2.0, "maximize": True}],
+        ("step", "eta", "mu", "ax"), ("eta", "mu")),
+}
+RULES = list(SPECS)
+SIZES = [*range(1, 34), 67, 1003, 40_000]
+STEPS = 4
+SPECIALS = [0.0, -0.0, 1e-40, 3e38, float("inf"), float("-inf"), float("nan"), -float("nan")]
+
+
+def params_of(sizes=SIZES, dtype=torch.float32, complex_sizes=(1, 5, 17, 33), seed=0):
+    def build() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        out = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+        out += [torch.randn(n, generator=gen, dtype=torch.complex64) for n in complex_sizes]
+        return [t.requires_grad_() for t in out]
+    return build
+
+
+def special_grads(seed=1):
+    """randn grads with zeros, denormals, huge values, Inf and NaN of both signs sprinkled in."""
+    def grads(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        out = []
+        for p in params:
+            g = torch.randn(torch.view_as_real(p).shape if p.is_complex() else p.shape, generator=gen)
+            idx = torch.rand(g.shape, generator=gen) < 0.05
+            g[idx] = torch.tensor(SPECIALS)[torch.randint(len(SPECIALS), (int(idx.sum()),), generator=gen)]
+            out.append(torch.view_as_complex(g) if p.is_complex() else g)
+        return out
+    return grads
+
+
+def ids(flags: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in flags.items()) or "defaults"
+
+
+SLICE = [pytest.param(rule, f, id=f"{rule}-{ids(f)}") for rule in RULES for f in SPECS[rule].flags]
+
+
+# ---- bit identity ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads_n", [1, 2])
+@pytest.mark.parametrize(("rule", "flags"), SLICE)
+def test_fp32_and_complex_bit_identical_to_torch_for_loop(rule, flags, threads_n, threads):
+    spec = SPECS[rule]
+    train_twins(spec.ours, spec.ref, params=params_of(), grads=special_grads(), steps=STEPS,
+                kwargs={"lr": spec.kw["lr"], **flags}, ref_kwargs={"foreach": False}, threads=threads_n,
+                what=f"{rule} {flags}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_tensor_lr_and_a_scheduler_bit_identical(rule):
+    """A float32 Tensor lr makes torch's per-step scalars float32 tensor ops; a scheduler edits it in place."""
+    spec = SPECS[rule]
+
+    def schedule(step: int, opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        for group in opt.param_groups:
+            group["lr"].fill_(spec.kw["lr"] * 0.7 ** step)
+
+    train_twins(spec.ours, spec.ref, params=params_of(sizes=[1, 33, 1003]), grads=randn_grads(), steps=STEPS,
+                kwargs={**spec.kw, "lr": torch.tensor(spec.kw["lr"])}, ref_kwargs={"foreach": False},
+                before_step=schedule, what=rule)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_lr_zero_steps_as_torch(rule):
+    spec = SPECS[rule]
+    train_twins(spec.ours, spec.ref, params=params_of(sizes=[7, 40]), grads=randn_grads(), steps=2,
+                kwargs={**spec.kw, "lr": 0.0}, ref_kwargs={"foreach": False})
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def _steps(opt, params, grads):
+    for g in grads:
+        for p, x in zip(params, g, strict=True):
+            p.grad = x.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("direction", ["torch->roundpipe", "roundpipe->torch"])
+@pytest.mark.parametrize("rule", RULES)
+def test_checkpoints_resume_both_ways_bit_identically(rule, direction):
+    spec = SPECS[rule]
+    build = params_of(sizes=[3, 1003], complex_sizes=(5,))
+    grads = [randn_grads()(s, build()) for s in range(6)]
+    ref_p = build()
+    ref = spec.ref(ref_p, **spec.kw)
+    _steps(ref, ref_p, grads)  # uninterrupted torch run
+    first, second = (spec.ref, spec.ours) if direction == "torch->roundpipe" else (spec.ours, spec.ref)
+    p = build()
+    opt = first(p, **spec.kw)
+    _steps(opt, p, grads[:3])
+    resumed = second(p, **spec.kw)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _steps(resumed, p, grads[3:])
+    for i, (a, b) in enumerate(zip(ref_p, p, strict=True)):
+        assert_bits_equal(a, b, f"param {i}")
+        assert ref.state[a].keys() == resumed.state[b].keys()
+        for k in spec.keys:
+            assert resumed.state[b][k].dtype == ref.state[a][k].dtype, k
+            assert_bits_equal(ref.state[a][k], resumed.state[b][k], f"param {i} state[{k!r}]")
+    assert "fused" not in resumed.state_dict()["param_groups"][0]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_scalar_state_stays_float32_when_loaded_on_16bit_params(rule):
+    """torch casts every floating state tensor but step to the param's dtype on load: the
+    engine keeps the per-param scalars in their declared float32, from the saved values."""
+    spec = SPECS[rule]
+    p = torch.randn(8).bfloat16().requires_grad_()
+    opt = spec.ours([p], **spec.kw)
+    p.grad = torch.randn(8).bfloat16()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["step"] = torch.tensor(3.0)
+    for k in spec.scalars:
+        saved["state"][0][k] = torch.tensor(0.123456789, dtype=torch.float32)
+    fresh = spec.ours([p], **spec.kw)
+    fresh.load_state_dict(saved)
+    for k in spec.scalars:
+        assert fresh.state[p][k].dtype == torch.float32 and fresh.state[p][k].dim() == 0, k
+        assert_bits_equal(fresh.state[p][k], saved["state"][0][k], k)
+    p.grad = torch.randn(8).bfloat16()
+    fresh.step()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_scalar_state_of_the_wrong_kind_is_refused_by_name(rule):
+    spec = SPECS[rule]
+    p = torch.randn(8, requires_grad=True)
+    opt = spec.ours([p], **spec.kw)
+    p.grad = torch.randn(8)
+    opt.step()
+    before = p.detach().clone()
+    key = spec.scalars[0]
+    good = opt.state[p][key]
+    for bad in (good.double(), torch.zeros(2), None):
+        if bad is None:
+            del opt.state[p][key]
+        else:
+            opt.state[p][key] = bad
+        with pytest.raises(RuntimeError, match=rf"roundpipe {rule}: param group 0, param 0 has (no )?state\['{key}'\]"):
+            opt.step()
+        assert_bits_equal(p, before, "param after a refused step")
+    opt.state[p][key] = good
+    opt.step()
+
+
+# ---- 16-bit, master weights, GradScaler ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", RULES)
+def test_16bit_params_are_the_fp32_step_rounded_once(rule, dtype):
+    spec = SPECS[rule]
+    gen = torch.Generator().manual_seed(6)
+    init = torch.randn(1003, generator=gen).to(dtype)
+    ref_p, p = init.float().requires_grad_(), init.clone().requires_grad_()
+    ref, opt = spec.ref([ref_p], **spec.kw), spec.ours([p], **spec.kw)
+    for _ in range(3):
+        g = torch.randn(1003, generator=gen).to(dtype)
+        ref_p.grad, p.grad = g.float(), g.clone()
+        ref.step()
+        opt.step()
+        with torch.no_grad():  # round the reference's param and param-shaped state as 16-bit storage does
+            ref_p.copy_(ref_p.to(dtype).float())
+            for t in ref.state[ref_p].values():
+                if t.dim():
+                    t.copy_(t.to(dtype).float())
+    assert_bits_equal(p, ref_p.detach().to(dtype), "param")
+    for k, t in ref.state[ref_p].items():
+        assert opt.state[p][k].dtype == (dtype if t.dim() else torch.float32), k
+        assert_bits_equal(opt.state[p][k], t.to(opt.state[p][k].dtype), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", RULES)
+def test_master_weights_equal_torch_on_the_fp32_master(rule, dtype):
+    spec = SPECS[rule]
+    gen = torch.Generator().manual_seed(4)
+    init = torch.randn(1003, generator=gen).to(dtype)
+    master, p = init.float().requires_grad_(), init.clone().requires_grad_()
+    ref, opt = spec.ref([master], **spec.kw), spec.ours([p], master_weights=True, **spec.kw)
+    for _ in range(3):
+        g = torch.randn(1003, generator=gen).to(dtype)
+        master.grad, p.grad = g.float(), g.clone()
+        ref.step()
+        opt.step()
+    assert_bits_equal(opt.state[p]["master_param"], master, "master")
+    assert_bits_equal(p, master.detach().to(dtype), "param = master rounded")
+    for k in spec.keys:
+        assert opt.state[p][k].dtype == torch.float32
+        assert_bits_equal(opt.state[p][k], ref.state[master][k], k)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_grad_scaler_matches_torchs_class_under_torchs_grad_scaler(rule):
+    """torch's GradScaler unscales a for-loop optimizer's grads itself (grad * (1/scale) in float);
+    ours gets the scale and does the same in its step. A scale that is not a power of two, and a
+    step with an Inf grad (skipped by both, step counters included; ours leaves such a step's grads
+    scaled, as torch's fused optimizers do)."""
+    spec = SPECS[rule]
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(1003, generator=gen)
+    a, b = init.clone().requires_grad_(), init.clone().requires_grad_()
+    ref, opt = spec.ref([a], **spec.kw), spec.ours([b], **spec.kw)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2) for _ in range(2)]
+    for s in range(5):
+        g = torch.randn(1003, generator=gen) * 1000.0
+        if s == 1:
+            g[7] = float("inf")
+        for p, o, scaler in ((a, ref, scalers[0]), (b, opt, scalers[1])):
+            scaler.scale(torch.ones(()))  # GradScaler makes its scale lazily, in scale()
+            p.grad = g.clone()
+            scaler.step(o)
+            scaler.update()
+        if s != 1:  # on a skipped step torch's grads were unscaled, ours left as they were (as fused optimizers)
+            assert_bits_equal(a.grad, b.grad, f"grad unscaled at step {s}")
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert_bits_equal(a, b, "param")
+    for k in spec.keys:
+        assert_bits_equal(ref.state[a][k], opt.state[b][k], k)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rule", "kw", "match"), [
+    ("NAdam", {"lr": -1.0}, "Invalid learning rate"),
+    ("NAdam", {"lr": torch.tensor([0.1, 0.2])}, "Tensor lr must be 1-element"),
+    ("NAdam", {"eps": -1.0}, "Invalid epsilon value"),
+    ("NAdam", {"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
+    ("NAdam", {"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1"),
+    ("NAdam", {"weight_decay": -1.0}, "Invalid weight_decay value"),
+    ("NAdam", {"momentum_decay": -1.0}, "Invalid momentum_decay value"),
+    ("NAdam", {"decoupled_weight_decay": "yes"}, "decoupled_weight_decay must be a bool"),
+    ("NAdam", {"capturable": True}, "capturable=True is not supported"),
+    ("ASGD", {"lr": -1.0}, "Invalid learning rate"),
+    ("ASGD", {"weight_decay": -1.0}, "Invalid weight_decay value"),
+    ("ASGD", {"t0": None}, "t0 must be a real number"),
+    ("ASGD", {"differentiable": True}, "differentiable=True is not supported"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_arguments_raise_at_construction(rule, kw, match):
+    with pytest.raises((ValueError, TypeError), match=re.escape(match)):
+        SPECS[rule].ours([torch.randn(4, requires_grad=True)], **kw)
+    if match.startswith(("Invalid", "Tensor lr")):  # torch's own checks: torch refuses the same
+        with pytest.raises(ValueError, match=re.escape(match)):
+            SPECS[rule].ref([torch.randn(4, requires_grad=True)], **kw)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("bad", [None, "0.1"])
+def test_a_bad_hyperparameter_in_group_1_leaves_group_0_untouched(rule, bad):
+    spec = SPECS[rule]
+    good, other = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    opt = spec.ours([{"params": [good]}, {"params": [other]}], **spec.kw)
+    key = next(k for k in spec.kw if k != "lr")
+    opt.param_groups[1][key] = bad
+    good.grad, other.grad = torch.ones(8), torch.ones(8)
+    before = good.detach().clone()
+    with pytest.raises(TypeError, match=rf"{key} must be a real number \(param group 1\)"):
+        opt.step()
+    assert_bits_equal(good, before, "param of group 0")
+    assert not opt.state, "state created before the check failed"
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_sparse_grads_and_float64_params_are_refused_by_name(rule):
+    spec = SPECS[rule]
+    p = torch.randn(8, requires_grad=True)
+    opt = spec.ours([p], **spec.kw)
+    p.grad = torch.randn(8).to_sparse()
+    with pytest.raises(RuntimeError, match=rf"roundpipe {rule}: param group 0, param 0 has a sparse gradient"):
+        opt.step()
+    q = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    opt = spec.ours([q], **spec.kw)
+    q.grad = torch.randn(8, dtype=torch.float64)
+    with pytest.raises(TypeError, match=rf"roundpipe {rule}: param group 0, param 0 has dtype torch.float64"):
+        opt.step()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_foreach_is_ignored_with_a_warning(rule):
+    with pytest.warns(UserWarning, match="ignores foreach=True"):
+        SPECS[rule].ours([torch.randn(4, requires_grad=True)], foreach=True)
+
+
+# ---- the fallback, MKL's sqrt, vectorization ---------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_fallback_without_a_compiler_is_torchs_step(rule, tmp_path):
+    spec = SPECS[rule]
+    code = textwrap.dedent(f"""
+        import os, warnings
+        os.environ["CC"] = "/nonexistent/cc"
+        os.environ["ROUNDPIPE_CACHE_DIR"] = {str(tmp_path)!r}
+        os.environ.pop("ROUNDPIPE_REQUIRE_NATIVE", None)
+        warnings.simplefilter("ignore")
+        import torch, roundpipe.optim as rpo
+        assert not rpo.native_available()
+        kw = {spec.kw!r}
+        torch.manual_seed(0)
+        init = [torch.randn(37), torch.randn(5, dtype=torch.complex64), torch.randn(40).bfloat16()]
+        a = [t.clone().requires_grad_() for t in init]
+        b = [t.clone().requires_grad_() for t in init]
+        r, o = torch.optim.{rule}(a[:2], **kw), rpo.{rule}(b, **kw)
+        for _ in range(3):
+            gs = [torch.randn_like(t) for t in init]
+            for x, y, g in zip(a, b, gs):
+                x.grad, y.grad = g.clone(), g.clone()
+            r.step(); o.step()
+        for x, y in zip(a[:2], b[:2]):
+            assert torch.equal(torch.view_as_real(x) if x.is_complex() else x,
+                               torch.view_as_real(y) if y.is_complex() else y)
+            for k in r.state[x]:
+                assert torch.equal(r.state[x][k], o.state[y][k]), k
+        assert not torch.equal(b[2], init[2]) and torch.isfinite(b[2]).all()
+        print("ok")
+    """)
+    res = run_python(code)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_the_rules_sqrt_is_torchs():
+    """torch's float sqrt is MKL's (not correctly rounded) where torch has MKL: the rules compute
+    the same bits (rules.h, rp_torch_sqrt), at every length and start, specials included."""
+    from roundpipe import _build
+    kernel = _build.load_kernel("nadam")
+    how, _ = _for_loop._torch_sqrt(kernel, "nadam")
+    x = torch.cat([_for_loop._sqrt_probe(), torch.rand(50_000) * 1e3, torch.rand(1000) * 1e-38])
+    if not torch.equal(x.sqrt().view(torch.int32), torch.sqrt(x.double()).float().view(torch.int32)):
+        assert how != _for_loop._SQRT_IEEE, "torch's sqrt is not IEEE here, and the rules did not find MKL's"
+    ffi = kernel.ffi
+    ref = x.sqrt()
+    for start, n in [(0, x.numel()), (3, 1), (5, 17), (100, 1000), (7, 15)]:
+        out = torch.zeros(n)
+        h = ffi.new("rp_nadam_hyper *")
+        _for_loop.fill_torch_sqrt(h, kernel, "nadam")
+        kernel.lib.rp_nadam_torch_sqrt(h.sqrt_how, h.vml_sqrt, ffi.cast("float *", x[start:].data_ptr()),
+                                      ffi.cast("float *", out.data_ptr()), n)
+        assert_bits_equal(out, ref[start:start + n], f"sqrt of [{start}, {start + n})")
+
+
+def test_element_loops_are_vectorized(tmp_path):
+    from test_vectorization import _report, _vectorized, loop_lines
+
+    from roundpipe import _build
+    cc = _build.find_compiler()
+    for name in ("nadam", "asgd"):
+        source = _build.KERNEL_DIR / f"{name}.c"
+        done = _vectorized(_report(cc, source, tmp_path), f"{name}.c")
+        marker = "void nadam_block(" if name == "nadam" else "void asgd_elements("
+        lines = loop_lines(source.read_text(), marker)
+        assert lines and not [n for n in lines if n not in done], f"{name}.c: loops {lines}, vectorized {sorted(done)}"
