@@ -499,8 +499,10 @@ class FusedOptimizer(Optimizer):
     def _build(self, plan: _GroupPlan) -> None:
         """State for new params, then the C arrays; raises nothing after _plan's checks."""
         self._init_state(plan)
+        plan.kernel = self._kernel
         if self._kernel is not None:
             self._build_native(plan)
+            plan.record(self._kernel)
         plan.built = True
 
     def _init_state(self, plan: _GroupPlan) -> None:
@@ -537,6 +539,7 @@ class FusedOptimizer(Optimizer):
         plan.state_keys = tuple(keys)
         plan.state_tensors = [_state_column(plan.states, k) for k in keys]
         plan.state_ptrs = [list(map(plan.ptr_of, ts)) for ts in plan.state_tensors]
+        plan.state_dtypes = [[t.dtype for t in ts] for ts in plan.state_tensors]
         # A 0-dim step's storage cannot shrink in place and keep its address (resize_(0) makes it
         # NULL, which its address check sees): its size is not rechecked each step.
         plan.state_bytes = [None if k == "step" else plan.storage_bytes(ts)
@@ -581,15 +584,7 @@ class FusedOptimizer(Optimizer):
         # from swapping them: a grad the caller drops meanwhile is not freed under the kernel.
         kernel = cast(Any, self._kernel)
         ffi = kernel.ffi if kernel is not None else None
-        if plan.pending_grads is not None:  # grads checked by _plan; point the arrays at them
-            plan.grads = plan.pending_grads
-            plan.grad_sig = plan.pending_grad_sig  # computed by grads_changed for these grads
-            plan.grad_bytes = plan.pending_grad_bytes
-            plan.pending_grads = None
-            if ffi is not None:
-                ptrs = plan.grad_sig[0]
-                plan.grad_ptrs[0:len(ptrs)] = ptrs
-                kernel.lib.rp_set_grads(plan.tensors, plan.grad_ptrs, len(ptrs))
+        plan.apply_grads()  # grads checked by _plan; point the arrays at them
         if ffi is None:
             self._fallback_step(plan, grad_scale, found_inf)
             return

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import itertools
 import operator
+from array import array
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from torch import Tensor
 _DTYPE_OF = operator.attrgetter("dtype")
 _IS_CPU = operator.attrgetter("is_cpu")
 _STORAGE_NBYTES = torch.UntypedStorage.nbytes
+_NBYTES = operator.attrgetter("nbytes")
 
 
 def _state_column(states: list[dict[str, Any]], key: str) -> list[Tensor]:
@@ -27,14 +29,144 @@ def _state_column(states: list[dict[str, Any]], key: str) -> list[Tensor]:
     return list(map(operator.itemgetter(key), states))
 
 
+# ---- torch's tensor structs, read from C (engine.h: rp_meta_check) -------------------------
+
+_CDATA = operator.attrgetter("_cdata")  # a tensor's c10::TensorImpl *, a storage's c10::StorageImpl *
+_SCAN_WORDS = 24  # how much of a TensorImpl the probe reads (torch 2.x: 176 bytes and up)
+_layouts: dict[int, Any] = {}  # id(ffi) -> its rp_meta_layout *, or None where the probe failed
+# False turns the C check off: every step then takes the Python checks (tests run both).
+META_CHECK = True
+
+
+def _words(ffi: Any, addr: int, n: int) -> list[int]:
+    return list(ffi.unpack(ffi.cast("uint64_t *", addr), n))
+
+
+def _find(words: list[int], value: int) -> set[int]:
+    return {i * 8 for i, w in enumerate(words) if w == value}
+
+
+def _probe_layout(ffi: Any) -> Any | None:
+    """The offsets and bits of torch's TensorImpl and StorageImpl that rp_meta_check reads,
+    found on tensors made here, or None when anything is not as expected.
+
+    Each field is found by value, on tensors whose sizes, strides, offsets and storages
+    differ, and must sit at the same offset in every one: the StorageImpl pointer, its data
+    pointer and size; the dimension count followed by the inline sizes and then strides;
+    the storage offset and numel; the dtype (the byte that differs between any two dtypes);
+    the dispatch-key set (the word that differs for a lazy negative view). The check
+    compares those bits only (the rest of the block holds padding left by malloc), and is
+    used only if, under that mask, tensors of one kind made in different ways agree and
+    each property the check relies on (dtype, lazy negative and conjugate views, device,
+    sparse layout, sizes, strides, storage offset, numel) tells two tensors apart.
+    """
+    tensors = [torch.empty(1021, 3), torch.zeros(41000)[1237:1237 + 19 * 2041].view(19, 2041),
+               torch.empty(2, 3, 5, 7, 11)[1], torch.empty(3, 2, 5, 7, 11), torch.empty(7, 11, 13).transpose(0, 2),
+               torch.frombuffer(bytearray(4 * 777), dtype=torch.float32)]
+    found: dict[str, set[int]] = {}
+
+    def same_everywhere(name: str, offsets: set[int]) -> None:
+        found[name] = offsets if name not in found else found[name] & offsets
+
+    for t in tensors:
+        st = t.untyped_storage()
+        w, sw = _words(ffi, t._cdata, _SCAN_WORDS), _words(ffi, st._cdata, 12)
+        same_everywhere("storage", _find(w, st._cdata))
+        same_everywhere("data", _find(sw, st.data_ptr()))
+        same_everywhere("nbytes", _find(sw, int(st.nbytes())))
+        same_everywhere("dim", {i * 8 for i in range(_SCAN_WORDS - t.dim())
+                                if w[i] == t.dim() and w[i + 1:i + 1 + t.dim()] == list(t.shape)})
+    if not (found["data"] and all(len(found[k]) == 1 for k in ("storage", "nbytes", "dim"))):
+        return None
+    lo = found["dim"].pop() // 8  # in words from here on
+    inline = next((cap for cap in range(5, 9) if all(
+        _words(ffi, t._cdata, _SCAN_WORDS)[lo + 1 + cap:lo + 1 + cap + t.dim()] == list(t.stride())
+        for t in tensors[:5])), None)
+    if inline is None:
+        return None
+    for t in tensors[:5]:
+        w = _words(ffi, t._cdata, _SCAN_WORDS)
+        same_everywhere("offset", {i for i in _find(w, int(t.storage_offset())) if i // 8 > lo + 2 * inline})
+        same_everywhere("numel", {i for i in _find(w, int(t.numel())) if i // 8 > lo + 2 * inline})
+    if len(found["offset"]) != 1 or len(found["numel"]) != 1:
+        return None
+    numel_at = found["numel"].pop() // 8
+    full = [*range(lo, lo + 1 + 2 * inline), found["offset"].pop() // 8, numel_at]  # whole words compared
+
+    def window(t: Tensor) -> bytes:  # the TensorImpl's bytes after numel, where dtype and keys are
+        return bytes(ffi.buffer(ffi.cast("char *", t._cdata + 8 * (numel_at + 1)), 8 * (_SCAN_WORDS - numel_at - 1)))
+
+    def differ(a: Tensor, b: Tensor) -> set[int]:
+        return {i for i, (x, y) in enumerate(zip(window(a), window(b), strict=True)) if x != y}
+
+    z, c = torch.zeros(6, 4), torch.zeros(6, 4, dtype=torch.complex64)
+    dtypes = [torch.float32, torch.int32, torch.bfloat16, torch.float16, torch.float64, torch.complex64,
+              torch.uint8, torch.int8, torch.bool]
+    # The first word a lazy negative view changes: the dispatch keys (the TensorImpl ends there;
+    # the words after it, malloc's, differ too). The dtype is the byte before it that every two
+    # dtypes differ in.
+    key_words = differ(z, torch._neg_view(torch.zeros(6, 4)))
+    if not key_words:
+        return None
+    end = (min(key_words) // 8 + 1) * 8
+    dtype_bytes = {i for i in set.intersection(*(differ(torch.zeros(6, 4, dtype=a), torch.zeros(6, 4, dtype=b))
+                                                 for a, b in itertools.combinations(dtypes, 2))) if i < end}
+    if len(dtype_bytes) != 1:
+        return None
+    mask = dict.fromkeys(full, 2**64 - 1)
+    dtype_at, key_at = 8 * (numel_at + 1) + dtype_bytes.pop(), numel_at + end // 8
+    mask[dtype_at // 8] = mask.get(dtype_at // 8, 0) | 0xFF << 8 * (dtype_at % 8)
+    mask[key_at] = 2**64 - 1
+    if max(mask) - lo >= 16:
+        return None
+    layout = ffi.new("rp_meta_layout *")
+    layout.storage, layout.dim, layout.inline_dims = found["storage"].pop(), 8 * lo, inline
+    layout.lo, layout.words = 8 * lo, max(mask) - lo + 1
+    layout.data, layout.nbytes = min(found["data"]), found["nbytes"].pop()
+    for i, m in mask.items():
+        layout.mask[i - lo] = m
+
+    def block(t: Tensor) -> list[int]:
+        return [w & m for w, m in zip(_words(ffi, t._cdata + 8 * lo, layout.words), layout.mask, strict=False)]
+
+    twins = [(z, torch.randn(6, 4)), (z, torch.empty(6, 4).fill_(1.0)), (z, z.clone()), (z, torch.zeros(4, 6).t().contiguous()),
+             (c, torch.ones(6, 4, dtype=torch.complex64)), (torch.zeros(8, 6), torch.randn(5, 8).t() @ torch.ones(5, 6))]  # a weight's grad
+    distinct = [(z, torch.zeros(6, 4, dtype=torch.int32)), (torch.zeros(6, 4, dtype=torch.bfloat16), torch.zeros(6, 4, dtype=torch.float16)),
+                (z, torch._neg_view(torch.zeros(6, 4))), (c, torch.zeros(6, 4, dtype=torch.complex64).conj()),
+                (z, torch.zeros(6, 4, device="meta")), (z, torch.zeros(6, 4).to_sparse()), (z, torch.zeros(4, 6)),
+                (z, torch.zeros(4, 6).t()), (z, torch.zeros(25, 4)[1:]), (z, torch.zeros(24)), (z, torch.zeros(6, 4)[:, None]),
+                (torch.zeros(6, 4, 5), torch.zeros(6, 4, 7)[:, :, :5])]
+    if not all(block(a) == block(b) for a, b in twins) or any(block(a) == block(b) for a, b in distinct):
+        return None
+    return layout
+
+
+def meta_layout(kernel: Any) -> Any | None:
+    """The rp_meta_layout * for the C checks with this kernel, or None: steps then check in Python."""
+    if not META_CHECK or kernel is None:
+        return None
+    key = id(kernel.ffi)
+    if key not in _layouts:
+        try:
+            _layouts[key] = _probe_layout(kernel.ffi)
+        except (RuntimeError, TypeError, ValueError, AttributeError):
+            _layouts[key] = None
+    return _layouts[key]
+
+
 class _GroupPlan:
     """One param group's tensors as the kernel sees them, reused while nothing changes.
 
     Built by ``FusedOptimizer._plan``: the C arrays of tensor pointers and the chunk list
-    live here between steps. A later step checks, with C-speed identity
-    comparisons, that the params, their storage and their state are the ones
-    the arrays point at; grads that are new tensors (``zero_grad()`` sets them
-    to None every step) are validated and only their pointers are updated.
+    live here between steps. A later step checks that the params, their storage and
+    their state are the ones the arrays point at, with the layouts and dtypes the full
+    check accepted; grads that are new tensors (``zero_grad()`` sets them to None every
+    step) are validated and only their pointers are updated.
+
+    Two ways to check, the same checks: in C (``meta`` set, the native kernel on a torch
+    whose tensor structs the probe above understood, no DTensor), one pass over torch's
+    TensorImpls against what the full check saw; else in Python, C-level passes of
+    torch's attribute getters (the torch fallback, DTensor shards).
     """
 
     def __init__(self, group: dict[str, Any], config: tuple) -> None:
@@ -48,16 +180,8 @@ class _GroupPlan:
         self.state_keys: tuple[str, ...] = ()
         self.state_tensors: list[list[Tensor]] = []  # per key in state_keys, per param
         self.group_index: list[int] = []  # slot -> index in group["params"], for messages
-        self.param_sig: tuple = ()  # signature() of params and of grads when the arrays were filled
-        self.param_bytes: list[int] = []  # storage sizes of params, grads and state tensors when the
-        self.grad_bytes: list[int] = []  # arrays were filled: a storage shrunk in place at the same
-        self.state_bytes: list[list[int] | None] = []  # address (resize_(0), then resize_(m)) must not be written
-        self.state_ptrs: list[list[int]] = []  # data pointers of the state tensors, per key
-        self.grad_sig: tuple = ([], [], [])
-        # Grads checked by _plan that the next run points the C arrays at, and their signature.
+        # Grads checked by _plan that the next run points the C arrays at.
         self.pending_grads: list[Tensor] | None = None
-        self.pending_grad_sig: tuple = ([], [], [])
-        self.pending_grad_bytes: list[int] = []
         self.param_dtypes: list[torch.dtype] = []  # of self.params, for the bulk grad check
         self.has_complex = False  # a complex param: its grads may be lazy conjugates
         self.tensors: Any = None  # rp_tensor[] (native path)
@@ -70,13 +194,33 @@ class _GroupPlan:
         self.built = False  # state created and C arrays filled (on the first run)
         self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
         self.storage_of: Callable[[Tensor], Any] = Tensor.untyped_storage  # of the local shard for DTensors
+        # The C check: rp_meta[] of params, grads, then each state key's tensors, as the full
+        # check saw them; their data pointers and bad flags from the last check; the layout.
+        self.meta: Any = None
+        self.meta_ptrs: Any = None
+        self.meta_bad: Any = None
+        self.meta_layout: Any = None
+        self.kernel: Any = None
+        self.bad_slots: list[int] = []  # grads the last C check could not vouch for
+        # The Python check: signature() of params and grads, storage sizes of params, grads
+        # and state tensors, and the state tensors' addresses and dtypes, as the arrays were filled.
+        self.param_sig: tuple = ()
+        self.grad_sig: tuple = ([], [], [], [])
+        self.param_bytes: list[int] = []  # a storage shrunk in place at the same address
+        self.grad_bytes: list[int] = []  # (resize_(0), then resize_(m)) must not be written
+        self.state_bytes: list[list[int] | None] = []
+        self.state_ptrs: list[list[int]] = []
+        self.state_dtypes: list[list[torch.dtype]] = []
+        self.pending_grad_sig: tuple = ([], [], [], [])
+        self.pending_grad_bytes: list[int] = []
 
-    def signature(self, tensors: list[Tensor]) -> tuple[list[int], list[tuple[int, ...]], list[int]]:
-        """Where each tensor's memory is and how it is laid out: what the C arrays depend on."""
+    def signature(self, tensors: list[Tensor]) -> tuple[list[int], list[tuple[int, ...]], list[int], list[torch.dtype]]:
+        """Where each tensor's memory is, how it is laid out and its dtype: what the C arrays depend on."""
         try:
-            return list(map(self.ptr_of, tensors)), list(map(Tensor.stride, tensors)), list(map(Tensor.numel, tensors))
+            return (list(map(self.ptr_of, tensors)), list(map(Tensor.stride, tensors)),
+                    list(map(Tensor.numel, tensors)), list(map(_DTYPE_OF, tensors)))
         except RuntimeError:  # a tensor without strides or storage (sparse, meta): never matches
-            return [-1] * len(tensors), [()] * len(tensors), [-1] * len(tensors)
+            return [-1] * len(tensors), [()] * len(tensors), [-1] * len(tensors), [cast(Any, None)] * len(tensors)
 
     def storage_bytes(self, tensors: list[Tensor]) -> list[int]:
         """The size in bytes of each tensor's storage (C-level passes; -1 where there is none)."""
@@ -88,14 +232,15 @@ class _GroupPlan:
     def grads_changed(self, group_params: list[Tensor], all_grads: list[Tensor | None], state: dict) -> bool | None:
         """Whether some grads are new, or were moved or reshaped in place; None if the plan no longer fits.
 
-        The plan fits while every pointer in its C arrays is still valid: the
-        params (address, strides, size, dtype and storage size), the identity
-        of every state dict and state tensor, and each state tensor's address
-        and storage size (``t.data = ...``, ``t.set_(...)`` and
-        ``t.untyped_storage().resize_()`` keep the object and move its memory).
-        Costs a few C-level passes over the group (about 1.8 us a tensor). When
-        grads changed, they and their signature wait in pending_grads and
-        pending_grad_sig for the checks in _plan.
+        The plan fits while every pointer in its C arrays is still valid and every tensor
+        is what the full check accepted: the identity of the group's params, of every
+        state dict and state tensor; and for each param and state tensor its address,
+        sizes, strides, dtype and storage size (``t.data = ...``, ``t.set_(...)`` and
+        ``t.untyped_storage().resize_()`` keep the object and change its memory or type).
+        Grads that changed (new objects, or moved, retyped or reshaped in place) wait in
+        pending_grads for the checks in _plan: changed_slots() names those that need
+        _check_tensor. Identity in C-level passes, then the rest in one C pass over
+        torch's structs (``meta``), else in C-level passes of torch's getters.
         """
         if not self.built or len(group_params) != len(self.group_params):
             return None
@@ -105,23 +250,50 @@ class _GroupPlan:
             for g, g0 in zip(all_grads, self.all_grads, strict=True):
                 if (g is None) != (g0 is None):
                     return None  # another set of params has grads
-        params = self.params
-        if not all(map(operator.is_, map(_DTYPE_OF, params), self.param_dtypes)):
-            return None  # p.data = p.data.view(other dtype)
-        if self.signature(params) != self.param_sig or self.storage_bytes(params) != self.param_bytes:
-            return None  # a param's storage or shape changed (p.data = ..., resize_)
-        if not all(map(operator.is_, map(state.get, params), self.states)):
+        if not all(map(operator.is_, map(state.get, self.params), self.states)):
             return None
         try:
-            for key, tensors, ptrs, nbytes in zip(self.state_keys, self.state_tensors, self.state_ptrs, self.state_bytes, strict=True):
-                current = _state_column(self.states, key)
-                if not all(map(operator.is_, current, tensors)):
+            for key, tensors in zip(self.state_keys, self.state_tensors, strict=True):
+                if not all(map(operator.is_, _state_column(self.states, key), tensors)):
                     return None  # a state tensor was replaced
-                if list(map(self.ptr_of, current)) != ptrs or (nbytes is not None and self.storage_bytes(current) != nbytes):
-                    return None  # its memory moved under the same object
-        except (KeyError, RuntimeError):
-            return None  # opt.state[p].clear(), or a tensor without storage: the full check decides
+        except KeyError:
+            return None  # opt.state[p].clear(): the full check decides
         grads = [g for g in all_grads if g is not None]
+        if self.meta is not None:
+            return self._meta_changed(grads)
+        return self._python_changed(grads)
+
+    def _meta_changed(self, grads: list[Tensor]) -> bool | None:
+        """The C check: every param, grad and state tensor against what the full check saw."""
+        ffi, lib = self.kernel.ffi, self.kernel.lib
+        n = len(self.params)
+        impls = array("Q", itertools.chain(map(_CDATA, self.params), map(_CDATA, grads),
+                                           *[map(_CDATA, ts) for ts in self.state_tensors]))
+        self.pending_grads = grads
+        n_bad = lib.rp_meta_check(self.meta_layout, ffi.from_buffer("uintptr_t[]", impls), self.meta, len(impls),
+                                  self.meta_ptrs, self.meta_bad)
+        if n_bad == 0:
+            self.bad_slots = []
+            return True
+        bad = list(itertools.compress(range(len(impls)), bytes(ffi.buffer(self.meta_bad, len(impls)))))
+        if bad[0] < n or bad[-1] >= 2 * n:
+            return None  # a param or state tensor changed: the full check decides
+        self.bad_slots = [i - n for i in bad]
+        return True
+
+    def _python_changed(self, grads: list[Tensor]) -> bool | None:
+        """The Python check: C-level passes of torch's getters."""
+        params = self.params
+        if self.signature(params) != self.param_sig or self.storage_bytes(params) != self.param_bytes:
+            return None  # a param's storage, shape or dtype changed (p.data = ..., resize_)
+        try:
+            for tensors, ptrs, nbytes, dtypes in zip(self.state_tensors, self.state_ptrs, self.state_bytes,
+                                                     self.state_dtypes, strict=True):
+                if (list(map(self.ptr_of, tensors)) != ptrs or list(map(_DTYPE_OF, tensors)) != dtypes
+                        or (nbytes is not None and self.storage_bytes(tensors) != nbytes)):
+                    return None  # its memory moved or its dtype changed under the same object
+        except RuntimeError:
+            return None  # a tensor without storage: the full check decides
         sig = self.signature(grads)
         nbytes = self.storage_bytes(grads)
         if all(map(operator.is_, grads, self.grads)) and sig == self.grad_sig and nbytes == self.grad_bytes:
@@ -134,32 +306,84 @@ class _GroupPlan:
         """True if no pending grad needs a full check: all are plain contiguous CPU tensors of
         their param's dtype, not lazy conjugate or negative views, with the strides and sizes of
         the grads they replace (which passed _check_tensor, so they have their param's shape).
-        C-level passes, no Python per tensor: the common case of zero_grad(set_to_none=True),
-        where every grad is new each step. When it fails, _check_tensor decides slot by slot."""
+        The C check has decided this already (bad_slots). The Python check: C-level passes, no
+        Python per tensor, for the common case of zero_grad(set_to_none=True), where every grad
+        is new each step. When it fails, _check_tensor decides slot by slot."""
+        if self.meta is not None:
+            return not self.bad_slots
         grads = self.pending_grads
         if grads is None:
             return True
-        ptrs, strides, numels = self.pending_grad_sig
+        ptrs, strides, numels, dtypes = self.pending_grad_sig
         return (
             strides == self.grad_sig[1] and numels == self.grad_sig[2]
             and all(ptrs)  # a freed storage (resize_(0)) has a NULL pointer: the full check names it
             and self.pending_grad_bytes == self.grad_bytes
             and all(map(operator.is_, map(type, grads), itertools.repeat(Tensor)))
-            and all(map(operator.is_, map(_DTYPE_OF, grads), self.param_dtypes))
+            and all(map(operator.is_, dtypes, self.param_dtypes))
             and all(map(_IS_CPU, grads)) and all(map(Tensor.is_contiguous, grads))
             and not any(map(Tensor.is_neg, grads))
             and not (self.has_complex and any(map(Tensor.is_conj, grads)))
         )
 
     def changed_slots(self) -> list[int]:
-        """Slots whose pending grad is a new tensor or was moved or reshaped in place."""
-        ptrs, strides, numels = self.pending_grad_sig
-        old_ptrs, old_strides, old_numels = self.grad_sig
+        """Slots whose pending grad is a new tensor or was moved, retyped or reshaped in place."""
+        if self.meta is not None:
+            return self.bad_slots
         if self.pending_grads is None:
             return []
-        return [
-            slot for slot, (g, g0, a, a0, b, b0, c, c0, d, d0) in enumerate(zip(
-                self.pending_grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels,
-                self.pending_grad_bytes, self.grad_bytes, strict=True))
-            if g is not g0 or a != a0 or b != b0 or c != c0 or d != d0
-        ]
+        new = zip(self.pending_grads, *self.pending_grad_sig, self.pending_grad_bytes, strict=True)
+        old = zip(self.grads, *self.grad_sig, self.grad_bytes, strict=True)
+        return [slot for slot, (a, b) in enumerate(zip(new, old, strict=True))
+                if a[0] is not b[0] or a[1:] != b[1:]]
+
+    def record(self, kernel: Any) -> None:
+        """After the full check and _build: the C check's record of every tensor, where it applies."""
+        layout = meta_layout(kernel)
+        if layout is None or self.ptr_of is not Tensor.data_ptr:
+            return  # the torch fallback, a torch whose structs the probe did not understand, DTensors
+        ffi, lib = kernel.ffi, kernel.lib
+        n = len(self.params)
+        columns = [self.params, self.grads, *self.state_tensors]
+        total = sum(map(len, columns))
+        meta = ffi.new("rp_meta[]", max(total, 1))
+        at = 0
+        for i, ts in enumerate(columns):
+            failed = self._record(ffi, lib, layout, ts, 0 if i == 1 else 1, meta + at)
+            if failed and i != 1:
+                return  # a param or state tensor the C check cannot follow: check this plan in Python
+            at += len(ts)
+        self.kernel, self.meta_layout, self.meta = kernel, layout, meta
+        self.meta_ptrs = ffi.new("uintptr_t[]", max(total, 1))
+        self.meta_bad = ffi.new("uint8_t[]", max(total, 1))
+        self.meta_ptrs[n:2 * n] = list(map(Tensor.data_ptr, self.grads))
+
+    @staticmethod
+    def _record(ffi: Any, lib: Any, layout: Any, tensors: list[Tensor], exact: int, out: Any) -> int:
+        impls = array("Q", map(_CDATA, tensors))
+        ptrs = array("Q", map(Tensor.data_ptr, tensors))
+        spans = array("q", map(_NBYTES, tensors))
+        return int(lib.rp_meta_record(layout, ffi.from_buffer("uintptr_t[]", impls), ffi.from_buffer("uintptr_t[]", ptrs),
+                                      ffi.from_buffer("int64_t[]", spans), exact, out, len(tensors)))
+
+    def apply_grads(self) -> None:
+        """Point the C arrays at the pending grads, which _plan has checked."""
+        grads = self.pending_grads
+        if grads is None:
+            return
+        self.grads, self.pending_grads = grads, None
+        if self.meta is not None:
+            ffi, lib = self.kernel.ffi, self.kernel.lib
+            n = len(grads)
+            for slot in self.bad_slots:  # checked by _check_tensor: the next step's C check vouches for them
+                g = grads[slot]
+                self._record(ffi, lib, self.meta_layout, [g], 0, self.meta + n + slot)
+                self.meta_ptrs[n + slot] = g.data_ptr()
+            self.bad_slots = []
+            lib.rp_set_grads(self.tensors, self.meta_ptrs + n, n)
+            return
+        self.grad_sig, self.grad_bytes = self.pending_grad_sig, self.pending_grad_bytes
+        if self.tensors is not None:
+            ptrs = self.grad_sig[0]
+            self.grad_ptrs[0:len(ptrs)] = ptrs
+            self.kernel.lib.rp_set_grads(self.tensors, self.grad_ptrs, len(ptrs))
