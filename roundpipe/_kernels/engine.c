@@ -94,13 +94,21 @@ int64_t rp_meta_record(const rp_meta_layout *layout, const uintptr_t *impls, con
     return failed;
 }
 
-int64_t rp_meta_check(const rp_meta_layout *layout, const uintptr_t *impls, const rp_meta *meta,
-                      int64_t n, uintptr_t *ptrs, uint8_t *bad)
+/* The TensorImpl of tensor i. */
+static inline uintptr_t impl_of(const rp_meta_layout *layout, const uintptr_t *addrs, int32_t via_object, int64_t i)
+{
+    return via_object ? (uintptr_t)word_at(addrs[i], layout->object) : addrs[i];
+}
+
+int64_t rp_meta_check(const rp_meta_layout *layout, const uintptr_t *addrs, int32_t via_object,
+                      const rp_meta *meta, int64_t n, uintptr_t *ptrs, uint8_t *bad)
 {
     int64_t n_bad = 0;
+    /* Prefetching the next tensors' structs ahead (object, TensorImpl, StorageImpl) was
+       measured and did not pay: 1.8 ms for 4096 x 5 tensors after an Adam step either way. */
     for (int64_t i = 0; i < n; i++) {
         const rp_meta *m = &meta[i];
-        const uintptr_t impl = impls[i];
+        const uintptr_t impl = impl_of(layout, addrs, via_object, i);
         /* The same block: the same sizes, strides, storage offset, dtype, device and keys. */
         int ok = m->valid && impl && block_matches(layout, impl, m->block, NULL);
         if (ok) {

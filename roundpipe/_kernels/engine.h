@@ -80,6 +80,7 @@ void rp_roofline_probe3(float *a, const float *b, float *c, int64_t n, int32_t n
 
 /* Where the checked fields are, in bytes from the start of each struct. */
 typedef struct {
+    int64_t object;       /* the Python tensor object: its TensorImpl * (Tensor._cdata)          */
     int64_t storage;      /* TensorImpl: its StorageImpl * (NULL for tensors without storage)  */
     int64_t dim;          /* TensorImpl: the number of dimensions (SizesAndStrides::size_)      */
     int64_t inline_dims;  /* sizes and strides are stored in the TensorImpl up to this many dims */
@@ -110,11 +111,13 @@ typedef struct {
 int64_t rp_meta_record(const rp_meta_layout *layout, const uintptr_t *impls, const uintptr_t *ptrs,
                        const int64_t *spans, int32_t exact, rp_meta *meta, int64_t n);
 
-/* Check tensors impls[i] against meta[i]: bad[i] = 1 where a tensor's layout bytes differ,
-   or its storage is not the recorded allocation (exact) or cannot hold it; else bad[i] = 0
-   and ptrs[i] = its data pointer. Returns the number of bad tensors. */
-int64_t rp_meta_check(const rp_meta_layout *layout, const uintptr_t *impls, const rp_meta *meta,
-                      int64_t n, uintptr_t *ptrs, uint8_t *bad);
+/* Check tensors against meta[i]: bad[i] = 1 where a tensor's layout bytes differ, or its
+   storage is not the recorded allocation (exact) or cannot hold it; else bad[i] = 0 and
+   ptrs[i] = its data pointer. The tensors are TensorImpls at addrs[i], or with via_object
+   the Python tensor objects at addrs[i] (id(t)), whose TensorImpl is read each time (it is
+   not cached: torch.utils.swap_tensors gives an object another). Returns how many are bad. */
+int64_t rp_meta_check(const rp_meta_layout *layout, const uintptr_t *addrs, int32_t via_object,
+                      const rp_meta *meta, int64_t n, uintptr_t *ptrs, uint8_t *bad);
 
 /* 1 when this process is a fork() child: steps then run on one thread (see engine.c). */
 int rp_in_forked_child(void);

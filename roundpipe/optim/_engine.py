@@ -11,8 +11,9 @@ An optimizer is a subclass of :class:`FusedOptimizer` that supplies its rule:
 * ``_fallback_step``: the same step with torch's own kernels, for hosts without a compiler.
 
 Everything else is written once, here: validation before anything is mutated, with
-errors that name the group and parameter; plans reused between steps and checked in
-C-level passes (every pointer the C code will touch: address, storage size, dtype);
+errors that name the group and parameter; plans reused between steps and rechecked
+each step (every tensor the C code will touch: address, storage size, layout, dtype;
+one C pass over torch's tensor structs, see _plan.py);
 refusal of memory shared by two params or a param and a state tensor; fresh grads
 repointed in one C call; the flattened chunk list and one C call per param group with
 the GIL released; the thread count from ``torch.get_num_threads()``; one step at a

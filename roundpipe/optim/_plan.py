@@ -51,9 +51,11 @@ def _probe_layout(ffi: Any) -> Any | None:
     found on tensors made here, or None when anything is not as expected.
 
     Each field is found by value, on tensors whose sizes, strides, offsets and storages
-    differ, and must sit at the same offset in every one: the StorageImpl pointer, its data
+    differ, and must sit at the same offset in every one: the TensorImpl pointer in the
+    Python object (``Tensor._cdata``), the StorageImpl pointer, its data
     pointer and size; the dimension count followed by the inline sizes and then strides;
-    the storage offset and numel; the dtype (the byte that differs between any two dtypes);
+    the storage offset and numel; the dtype (the byte that differs between any two dtypes:
+    torch's dtypes are the ScalarType values, all below 256, of TypeMeta's low byte);
     the dispatch-key set (the word that differs for a lazy negative view). The check
     compares those bits only (the rest of the block holds padding left by malloc), and is
     used only if, under that mask, tensors of one kind made in different ways agree and
@@ -68,15 +70,16 @@ def _probe_layout(ffi: Any) -> Any | None:
     def same_everywhere(name: str, offsets: set[int]) -> None:
         found[name] = offsets if name not in found else found[name] & offsets
 
-    for t in tensors:
+    for t in [*tensors, torch.nn.Parameter(torch.zeros(3)), torch.zeros(4).requires_grad_()]:
         st = t.untyped_storage()
         w, sw = _words(ffi, t._cdata, _SCAN_WORDS), _words(ffi, st._cdata, 12)
+        same_everywhere("object", _find(_words(ffi, id(t), 8), t._cdata))
         same_everywhere("storage", _find(w, st._cdata))
         same_everywhere("data", _find(sw, st.data_ptr()))
         same_everywhere("nbytes", _find(sw, int(st.nbytes())))
         same_everywhere("dim", {i * 8 for i in range(_SCAN_WORDS - t.dim())
                                 if w[i] == t.dim() and w[i + 1:i + 1 + t.dim()] == list(t.shape)})
-    if not (found["data"] and all(len(found[k]) == 1 for k in ("storage", "nbytes", "dim"))):
+    if not (found["data"] and all(len(found[k]) == 1 for k in ("object", "storage", "nbytes", "dim"))):
         return None
     lo = found["dim"].pop() // 8  # in words from here on
     inline = next((cap for cap in range(5, 9) if all(
@@ -120,7 +123,8 @@ def _probe_layout(ffi: Any) -> Any | None:
     if max(mask) - lo >= 16:
         return None
     layout = ffi.new("rp_meta_layout *")
-    layout.storage, layout.dim, layout.inline_dims = found["storage"].pop(), 8 * lo, inline
+    layout.object, layout.storage, layout.dim, layout.inline_dims = (found["object"].pop(), found["storage"].pop(),
+                                                                     8 * lo, inline)
     layout.lo, layout.words = 8 * lo, max(mask) - lo + 1
     layout.data, layout.nbytes = min(found["data"]), found["nbytes"].pop()
     for i, m in mask.items():
@@ -194,11 +198,16 @@ class _GroupPlan:
         self.built = False  # state created and C arrays filled (on the first run)
         self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
         self.storage_of: Callable[[Tensor], Any] = Tensor.untyped_storage  # of the local shard for DTensors
-        # The C check: rp_meta[] of params, grads, then each state key's tensors, as the full
-        # check saw them; their data pointers and bad flags from the last check; the layout.
+        # The C check: rp_meta[] of the params then each state key's tensors, as the full check
+        # saw them, and their Python objects' addresses (id: the plan holds the objects, and
+        # grads_changed compares them by identity first); rp_meta[] of the grads, their data
+        # pointers and bad flags from the last check; the layout.
         self.meta: Any = None
+        self.meta_objects: Any = None
+        self.grad_meta: Any = None
         self.meta_ptrs: Any = None
         self.meta_bad: Any = None
+        self.meta_scratch: tuple[Any, Any] = (None, None)  # the same for params and state (unused)
         self.meta_layout: Any = None
         self.kernel: Any = None
         self.bad_slots: list[int] = []  # grads the last C check could not vouch for
@@ -264,21 +273,19 @@ class _GroupPlan:
         return self._python_changed(grads)
 
     def _meta_changed(self, grads: list[Tensor]) -> bool | None:
-        """The C check: every param, grad and state tensor against what the full check saw."""
+        """The C check: every param and state tensor, then every grad, against what the full check saw."""
         ffi, lib = self.kernel.ffi, self.kernel.lib
-        n = len(self.params)
-        impls = array("Q", itertools.chain(map(_CDATA, self.params), map(_CDATA, grads),
-                                           *[map(_CDATA, ts) for ts in self.state_tensors]))
+        n, fixed = len(self.params), len(self.meta_objects)
         self.pending_grads = grads
-        n_bad = lib.rp_meta_check(self.meta_layout, ffi.from_buffer("uintptr_t[]", impls), self.meta, len(impls),
-                                  self.meta_ptrs, self.meta_bad)
-        if n_bad == 0:
-            self.bad_slots = []
-            return True
-        bad = list(itertools.compress(range(len(impls)), bytes(ffi.buffer(self.meta_bad, len(impls)))))
-        if bad[0] < n or bad[-1] >= 2 * n:
+        scratch_ptrs, scratch_bad = self.meta_scratch
+        if lib.rp_meta_check(self.meta_layout, self.meta_objects, 1, self.meta, fixed, scratch_ptrs, scratch_bad):
             return None  # a param or state tensor changed: the full check decides
-        self.bad_slots = [i - n for i in bad]
+        impls = array("Q", map(_CDATA, grads))
+        if lib.rp_meta_check(self.meta_layout, ffi.from_buffer("uintptr_t[]", impls), 0, self.grad_meta, n,
+                             self.meta_ptrs, self.meta_bad) == 0:
+            self.bad_slots = []
+        else:
+            self.bad_slots = list(itertools.compress(range(n), bytes(ffi.buffer(self.meta_bad, n))))
         return True
 
     def _python_changed(self, grads: list[Tensor]) -> bool | None:
@@ -343,20 +350,21 @@ class _GroupPlan:
         if layout is None or self.ptr_of is not Tensor.data_ptr:
             return  # the torch fallback, a torch whose structs the probe did not understand, DTensors
         ffi, lib = kernel.ffi, kernel.lib
-        n = len(self.params)
-        columns = [self.params, self.grads, *self.state_tensors]
-        total = sum(map(len, columns))
-        meta = ffi.new("rp_meta[]", max(total, 1))
-        at = 0
-        for i, ts in enumerate(columns):
-            failed = self._record(ffi, lib, layout, ts, 0 if i == 1 else 1, meta + at)
-            if failed and i != 1:
-                return  # a param or state tensor the C check cannot follow: check this plan in Python
-            at += len(ts)
-        self.kernel, self.meta_layout, self.meta = kernel, layout, meta
-        self.meta_ptrs = ffi.new("uintptr_t[]", max(total, 1))
-        self.meta_bad = ffi.new("uint8_t[]", max(total, 1))
-        self.meta_ptrs[n:2 * n] = list(map(Tensor.data_ptr, self.grads))
+        fixed = [t for ts in (self.params, *self.state_tensors) for t in ts]
+        objects = [id(t) for t in fixed]
+        # The objects' TensorImpl, as C will read it, must be torch's: a check of the layout.
+        if [ffi.cast("uintptr_t *", a + layout.object)[0] for a in objects] != list(map(_CDATA, fixed)):
+            return
+        meta, grad_meta = ffi.new("rp_meta[]", max(len(fixed), 1)), ffi.new("rp_meta[]", max(len(self.grads), 1))
+        if self._record(ffi, lib, layout, fixed, 1, meta):
+            return  # a param or state tensor the C check cannot follow: check this plan in Python
+        self._record(ffi, lib, layout, self.grads, 0, grad_meta)
+        self.kernel, self.meta_layout, self.meta, self.grad_meta = kernel, layout, meta, grad_meta
+        self.meta_objects = ffi.new("uintptr_t[]", objects)
+        self.meta_ptrs = ffi.new("uintptr_t[]", max(len(self.grads), 1))
+        self.meta_bad = ffi.new("uint8_t[]", max(len(self.grads), 1))
+        self.meta_scratch = ffi.new("uintptr_t[]", max(len(fixed), 1)), ffi.new("uint8_t[]", max(len(fixed), 1))
+        self.meta_ptrs[0:len(self.grads)] = list(map(Tensor.data_ptr, self.grads))
 
     @staticmethod
     def _record(ffi: Any, lib: Any, layout: Any, tensors: list[Tensor], exact: int, out: Any) -> int:
@@ -377,10 +385,10 @@ class _GroupPlan:
             n = len(grads)
             for slot in self.bad_slots:  # checked by _check_tensor: the next step's C check vouches for them
                 g = grads[slot]
-                self._record(ffi, lib, self.meta_layout, [g], 0, self.meta + n + slot)
-                self.meta_ptrs[n + slot] = g.data_ptr()
+                self._record(ffi, lib, self.meta_layout, [g], 0, self.grad_meta + slot)
+                self.meta_ptrs[slot] = g.data_ptr()
             self.bad_slots = []
-            lib.rp_set_grads(self.tensors, self.meta_ptrs + n, n)
+            lib.rp_set_grads(self.tensors, self.meta_ptrs, n)
             return
         self.grad_sig, self.grad_bytes = self.pending_grad_sig, self.pending_grad_bytes
         if self.tensors is not None:
