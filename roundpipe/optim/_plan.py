@@ -62,7 +62,7 @@ def _probe_layout(ffi: Any) -> Any | None:
     each property the check relies on (dtype, lazy negative and conjugate views, device,
     sparse layout, sizes, strides, storage offset, numel) tells two tensors apart.
     """
-    tensors = [torch.empty(1021, 3), torch.zeros(41000)[1237:1237 + 19 * 2041].view(19, 2041),
+    tensors = [torch.empty(1021, 3), torch.empty(41000)[1237:1237 + 19 * 2041].view(19, 2041),
                torch.empty(2, 3, 5, 7, 11)[1], torch.empty(3, 2, 5, 7, 11), torch.empty(7, 11, 13).transpose(0, 2),
                torch.frombuffer(bytearray(4 * 777), dtype=torch.float32)]
     found: dict[str, set[int]] = {}
