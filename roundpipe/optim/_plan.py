@@ -32,7 +32,9 @@ def _state_column(states: list[dict[str, Any]], key: str) -> list[Tensor]:
 # ---- torch's tensor structs, read from C (engine.h: rp_meta_check) -------------------------
 
 _CDATA = operator.attrgetter("_cdata")  # a tensor's c10::TensorImpl *, a storage's c10::StorageImpl *
-_SCAN_WORDS = 24  # how much of a TensorImpl the probe reads (torch 2.x: 176 bytes and up)
+# How much of its own tensors' structs the probe reads, in 8-byte words: a TensorImpl is 176
+# bytes in torch 2.13 (the dispatch keys last), a StorageImpl over 96, a Python tensor over 32.
+_SCAN_WORDS, _SCAN_STORAGE, _SCAN_OBJECT = 22, 12, 4
 _layouts: dict[int, Any] = {}  # id(ffi) -> its rp_meta_layout *, or None where the probe failed
 # False turns the C check off: every step then takes the Python checks (tests run both).
 META_CHECK = True
@@ -72,8 +74,8 @@ def _probe_layout(ffi: Any) -> Any | None:
 
     for t in [*tensors, torch.nn.Parameter(torch.zeros(3)), torch.zeros(4).requires_grad_()]:
         st = t.untyped_storage()
-        w, sw = _words(ffi, t._cdata, _SCAN_WORDS), _words(ffi, st._cdata, 12)
-        same_everywhere("object", _find(_words(ffi, id(t), 8), t._cdata))
+        w, sw = _words(ffi, t._cdata, _SCAN_WORDS), _words(ffi, st._cdata, _SCAN_STORAGE)
+        same_everywhere("object", _find(_words(ffi, id(t), _SCAN_OBJECT), t._cdata))
         same_everywhere("storage", _find(w, st._cdata))
         same_everywhere("data", _find(sw, st.data_ptr()))
         same_everywhere("nbytes", _find(sw, int(st.nbytes())))
@@ -105,9 +107,9 @@ def _probe_layout(ffi: Any) -> Any | None:
     z, c = torch.zeros(6, 4), torch.zeros(6, 4, dtype=torch.complex64)
     dtypes = [torch.float32, torch.int32, torch.bfloat16, torch.float16, torch.float64, torch.complex64,
               torch.uint8, torch.int8, torch.bool]
-    # The first word a lazy negative view changes: the dispatch keys (the TensorImpl ends there;
-    # the words after it, malloc's, differ too). The dtype is the byte before it that every two
-    # dtypes differ in.
+    # The first word a lazy negative view changes: the dispatch keys (where the TensorImpl ends in
+    # torch 2.13; any words after it would differ too). The dtype is the byte before it that every
+    # two dtypes differ in.
     key_words = differ(z, torch._neg_view(torch.zeros(6, 4)))
     if not key_words:
         return None
