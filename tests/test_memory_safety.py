@@ -448,9 +448,24 @@ def test_the_c_check_is_used_on_this_torch():
     Python checks, slower on many tensors (issue 22), and the C check goes untested."""
     from roundpipe import _build
     from roundpipe.optim import _plan
-    assert _plan.meta_layout(_build.load_kernel()) is not None
+    assert _plan.meta_layout(_build.load_kernel("adam")) is not None
     ps, opt = _stepped(rpo.Adam, torch.float32)
     assert opt._plans[0].meta is not None
+
+
+def test_the_probe_leaves_torch_rng_alone(monkeypatch):
+    """The probe runs at a first step: it must not draw from torch's global generator, or the
+    caller's next torch.randn (and bf16_stochastic_round's seeds) would depend on whether the
+    kernel loaded (the torch fallback has no probe)."""
+    from roundpipe.optim import _plan
+    monkeypatch.setattr(_plan, "_layouts", {})
+    p = nn.Parameter(torch.randn(40))
+    p.grad = torch.randn(40)
+    opt = rpo.Adam([p])
+    before = torch.get_rng_state()
+    opt.step()
+    assert opt._plans[0].meta is not None  # the probe ran
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 RETYPED_STATE = [(rpo.Adam, {}, "exp_avg"), (rpo.Adam, {"amsgrad": True}, "max_exp_avg_sq"),

@@ -136,8 +136,12 @@ def _probe_layout(ffi: Any) -> Any | None:
     def block(t: Tensor) -> list[int]:
         return [w & m for w, m in zip(_words(ffi, t._cdata + 8 * lo, layout.words), layout.mask, strict=False)]
 
-    twins = [(z, torch.randn(6, 4)), (z, torch.empty(6, 4).fill_(1.0)), (z, z.clone()), (z, torch.zeros(4, 6).t().contiguous()),
-             (c, torch.ones(6, 4, dtype=torch.complex64)), (torch.zeros(8, 6), torch.randn(5, 8).t() @ torch.ones(5, 6))]  # a weight's grad
+    # Random values from a generator of the probe's own: the probe runs at a first step, and
+    # drawing from torch's global one would change what the caller's next torch.randn gives.
+    gen = torch.Generator().manual_seed(0)
+    twins = [(z, torch.randn(6, 4, generator=gen)), (z, torch.empty(6, 4).fill_(1.0)), (z, z.clone()),
+             (z, torch.zeros(4, 6).t().contiguous()), (c, torch.ones(6, 4, dtype=torch.complex64)),
+             (torch.zeros(8, 6), torch.randn(5, 8, generator=gen).t() @ torch.ones(5, 6))]  # a weight's grad
     distinct = [(z, torch.zeros(6, 4, dtype=torch.int32)), (torch.zeros(6, 4, dtype=torch.bfloat16), torch.zeros(6, 4, dtype=torch.float16)),
                 (z, torch._neg_view(torch.zeros(6, 4))), (c, torch.zeros(6, 4, dtype=torch.complex64).conj()),
                 (z, torch.zeros(6, 4, device="meta")), (z, torch.zeros(6, 4).to_sparse()), (z, torch.zeros(4, 6)),
