@@ -572,3 +572,61 @@ def test_grad_and_param_churn_both_ways(check):
     p.untyped_storage().resize_(0)
     with pytest.raises(RuntimeError, match="param group 0, param 0: the param's data is not allocated"):
         opt.step()
+
+
+def test_broadcast_grad_kept_across_cached_steps_both_ways(check):
+    """A broadcast grad (stride 0) is stepped through a contiguous copy made each step: the copy is
+    what the C arrays point at and what the check records, so the same grad object, its values
+    changed in place between steps, is checked and copied again every step (issue 21 with 22)."""
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(37, 29, generator=gen) for _ in range(2)]
+    a = [t.clone().requires_grad_() for t in init]
+    b = [t.clone().requires_grad_() for t in init]
+    ref, opt = rpo.Adam(a, lr=0.1), rpo.Adam(b, lr=0.1)
+    row = torch.randn(29, generator=gen)
+    b[1].grad = row.expand(37, 29)  # the same object every step
+    for step in range(4):
+        row.copy_(torch.randn(29, generator=gen))
+        plain = torch.randn(37, 29, generator=gen)
+        a[0].grad, b[0].grad = plain, plain.clone()
+        a[1].grad = b[1].grad.contiguous()
+        ref.step()
+        opt.step()
+        assert b[1].grad.stride() == (0, 1)
+        for x, y in zip(a, b, strict=True):
+            assert_bits_equal(x, y, f"param at step {step}")
+    for x, y in zip(a, b, strict=True):
+        for k in ref.state[x]:
+            assert_bits_equal(ref.state[x][k], opt.state[y][k], k)
+
+
+def test_adafactor_state_not_param_shaped_rechecked_both_ways(check):
+    """Adafactor's per-param state keys (row_var/col_var for a matrix, variance for a vector: a
+    group whose params differ in keys) are rechecked on a cached plan like every rule's: one moved
+    under the same object is followed, one retyped in place is refused naming the param."""
+    torch.manual_seed(6)
+    init = [torch.randn(12, 7), torch.randn(9), torch.randn(3, 4, 5)]
+    a = [t.clone().requires_grad_() for t in init]
+    b = [t.clone().requires_grad_() for t in init]
+    ref, opt = torch.optim.Adafactor(a, foreach=False), rpo.Adafactor(b)
+    for step in range(4):
+        for x, y in zip(a, b, strict=True):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        ref.step()
+        opt.step()
+        if step == 1:
+            for o, ps in ((ref, a), (opt, b)):
+                o.state[ps[0]]["col_var"].data = o.state[ps[0]]["col_var"].data.clone()
+                o.state[ps[1]]["variance"].set_(o.state[ps[1]]["variance"].clone())
+        for x, y in zip(a, b, strict=True):
+            assert_bits_equal(x, y, f"param at step {step}")
+    assert opt._plans[0].meta is not None or check == "Python"
+    t = opt.state[b[2]]["row_var"]
+    t.data = t.data.view(torch.int32)
+    for y in b:
+        y.grad = torch.randn_like(y)
+    before = _snapshot(opt, b)
+    with pytest.raises(RuntimeError, match=r"param group 0, param 2 has state\['row_var'\] of dtype torch.int32"):
+        opt.step()
+    _unchanged(before, opt, b)
