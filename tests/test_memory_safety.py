@@ -402,3 +402,231 @@ def test_fallback_nan_bits_equal_the_kernels_for_fp16_with_fp32_state(tmp_path):
     assert fallback.returncode == 0, fallback.stderr[-2000:]
     bits = [[ln for ln in r.stdout.splitlines() if ln.startswith("BITS")] for r in (native, fallback)]
     assert bits[0] and bits[0] == bits[1]
+
+
+# ---- 11. dtypes and memory rechecked after a plan is cached (issue 21 item 4, issue 22) ---------------
+# A step checks the cached tensors in one C pass over torch's structs where the probe in
+# roundpipe/optim/_plan.py understood them, else in Python (the torch fallback, DTensors):
+# each case runs both ways.
+
+CHECKS = ["C", "Python"]
+# Same-size dtypes a tensor can be viewed as in place (t.data = t.data.view(other)).
+_RETYPE = {torch.float32: torch.int32, torch.bfloat16: torch.float16, torch.float16: torch.bfloat16}
+
+
+@pytest.fixture(params=CHECKS)
+def check(request, monkeypatch):
+    from roundpipe.optim import _plan
+    monkeypatch.setattr(_plan, "META_CHECK", request.param == "C")
+    return request.param
+
+
+def _stepped(rule, dtype, **kw):
+    """Two params, stepped twice with fresh grads (the plan is cached), and their grads for step 3."""
+    torch.manual_seed(3)
+    ps = [nn.Parameter(torch.randn(40).to(dtype)) for _ in range(2)]
+    opt = rule(ps, **kw)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(40).to(dtype)
+        if _ < 2:
+            opt.step()
+    return ps, opt
+
+
+def _snapshot(opt, ps):
+    return [x.detach().clone() for p in ps for x in (p, *[t for t in opt.state[p].values() if isinstance(t, torch.Tensor)])]
+
+
+def _unchanged(before, opt, ps):
+    for x, y in zip(before, _snapshot(opt, ps), strict=True):
+        assert_bits_equal(x, y, "after the refused step")
+
+
+def test_the_c_check_is_used_on_this_torch():
+    """The probe must understand the torch the suite runs on: otherwise every step takes the
+    Python checks, slower on many tensors (issue 22), and the C check goes untested."""
+    from roundpipe import _build
+    from roundpipe.optim import _plan
+    assert _plan.meta_layout(_build.load_kernel("adam")) is not None
+    ps, opt = _stepped(rpo.Adam, torch.float32)
+    assert opt._plans[0].meta is not None
+
+
+def test_the_probe_leaves_torch_rng_alone(monkeypatch):
+    """The probe runs at a first step: it must not draw from torch's global generator, or the
+    caller's next torch.randn (and bf16_stochastic_round's seeds) would depend on whether the
+    kernel loaded (the torch fallback has no probe)."""
+    from roundpipe.optim import _plan
+    monkeypatch.setattr(_plan, "_layouts", {})
+    p = nn.Parameter(torch.randn(40))
+    p.grad = torch.randn(40)
+    opt = rpo.Adam([p])
+    before = torch.get_rng_state()
+    opt.step()
+    print("DBG", _plan.META_CHECK, opt._kernel, _plan._layouts, opt._plans[0].kernel)
+    assert opt._plans[0].meta is not None  # the probe ran
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+RETYPED_STATE = [(rpo.Adam, {}, "exp_avg"), (rpo.Adam, {"amsgrad": True}, "max_exp_avg_sq"),
+                 (rpo.SGD, {"momentum": 0.9}, "momentum_buffer"), (rpo.Adagrad, {}, "sum"), (rpo.Lion, {}, "exp_avg"),
+                 (rpo.Adam, {"master_weights": True}, "master_param")]
+
+
+@pytest.mark.parametrize("rule,kw,key,dtype", [
+    pytest.param(rule, kw, key, dtype, id=f"{rule.__name__}-{key}-{dtype}") for rule, kw, key in RETYPED_STATE
+    for dtype in (torch.float32, torch.bfloat16) if not (key == "master_param" and dtype == torch.float32)])  # fp32: no master
+def test_state_tensor_retyped_in_place_is_refused_like_a_fresh_optimizer(rule, kw, key, dtype, check):
+    ps, opt = _stepped(rule, dtype, **kw)
+    t = opt.state[ps[1]][key]
+    t.data = t.data.view(_RETYPE[t.dtype])
+    before = _snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match=rf"param group 0, param 1 has state\['{key}'\] of dtype {t.dtype}"):
+        opt.step()
+    _unchanged(before, opt, ps)
+    fresh = rule(ps, **kw)  # what the recheck must agree with: a fresh optimizer given this state
+    for p in ps:
+        fresh.state[p].update(opt.state[p])
+    with pytest.raises(RuntimeError, match=rf"param group 0, param 1 has state\['{key}'\]"):
+        fresh.step()
+
+
+@pytest.mark.parametrize("rule,kw", [(rpo.Adam, {}), (rpo.SGD, {"momentum": 0.9}), (rpo.Adagrad, {}), (rpo.Lion, {})],
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_retyped_in_place_is_refused_naming_the_param(rule, kw, dtype, check):
+    """``g.data = g.data.view(torch.float16)`` on a bf16 grad: same size, same address, the
+    grad object stepped before; a fresh optimizer and torch's fused kernels refuse it."""
+    ps, opt = _stepped(rule, dtype, **kw)
+    for in_place in (False, True):  # a new grad object, or the one the last step read
+        g = ps[1].grad if not in_place else opt._plans[0].grads[1]
+        ps[1].grad = g
+        g.data = g.data.view(_RETYPE[dtype])
+        before = _snapshot(opt, ps)
+        with pytest.raises(TypeError, match=rf"param group 0, param 1 has grad dtype {g.dtype} but param dtype {dtype}"):
+            opt.step()
+        _unchanged(before, opt, ps)
+        g.data = g.data.view(dtype)
+    opt.step()  # repaired: steps again
+
+
+@pytest.mark.parametrize("how", ["data", "set_", "resize", "freed", "replaced", "cleared"])
+def test_state_churn_is_followed_or_refused_both_ways(how, check):
+    """The storage-churn cases of section 1, in process, through both checks: the state tensor's
+    memory moved under the same object is followed; a freed one is refused naming it."""
+    a, b, ref, opt = _twins(1000)
+    for i in range(4):
+        g = torch.randn(1000)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        if i == 2 and how == "freed":
+            opt.state[b]["exp_avg"].untyped_storage().resize_(0)
+            with pytest.raises(RuntimeError, match=r"param group 0, param 0.*exp_avg.*not allocated"):
+                opt.step()
+            return
+        opt.step()
+        if i == 1 and how != "freed":
+            for o, p in ((ref, a), (opt, b)):
+                st = o.state[p]["exp_avg"]
+                if how == "data":
+                    st.data = st.data.clone()
+                elif how == "set_":
+                    st.set_(st.clone())
+                elif how == "resize":
+                    keep = st.clone()
+                    st.untyped_storage().resize_(0)
+                    st.untyped_storage().resize_(keep.numel() * 4)
+                    st.copy_(keep)
+                elif how == "replaced":
+                    o.state[p]["exp_avg"] = st.clone()
+                else:
+                    o.state[p].clear()
+    _same_state(ref, opt, a, b)
+
+
+def test_grad_and_param_churn_both_ways(check):
+    """Grads moved, freed, transposed or reshaped in place, and a param moved, after a cached step."""
+    p = nn.Parameter(torch.randn(6, 4))
+    opt = rpo.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    opt.step()
+    p.grad.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="param group 0, param 0: the grad's data is not allocated"):
+        opt.step()
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    p.grad.t_()
+    with pytest.raises(ValueError, match="param group 0, param 0 has grad shape"):
+        opt.step()
+    p.grad.t_()
+    p.grad.as_strided_((6, 4), (1, 6))
+    with pytest.raises(ValueError, match="param group 0, param 0 has a non-contiguous grad"):
+        opt.step()
+    p.grad = torch.ones(6, 4)
+    p.data = p.data.clone()  # moved: the step must write the new memory
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p.detach(), before)
+    p.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="param group 0, param 0: the param's data is not allocated"):
+        opt.step()
+
+
+def test_broadcast_grad_kept_across_cached_steps_both_ways(check):
+    """A broadcast grad (stride 0) is stepped through a contiguous copy made each step: the copy is
+    what the C arrays point at and what the check records, so the same grad object, its values
+    changed in place between steps, is checked and copied again every step (issue 21 with 22)."""
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(37, 29, generator=gen) for _ in range(2)]
+    a = [t.clone().requires_grad_() for t in init]
+    b = [t.clone().requires_grad_() for t in init]
+    ref, opt = rpo.Adam(a, lr=0.1), rpo.Adam(b, lr=0.1)
+    row = torch.randn(29, generator=gen)
+    b[1].grad = row.expand(37, 29)  # the same object every step
+    for step in range(4):
+        row.copy_(torch.randn(29, generator=gen))
+        plain = torch.randn(37, 29, generator=gen)
+        a[0].grad, b[0].grad = plain, plain.clone()
+        a[1].grad = b[1].grad.contiguous()
+        ref.step()
+        opt.step()
+        assert b[1].grad.stride() == (0, 1)
+        for x, y in zip(a, b, strict=True):
+            assert_bits_equal(x, y, f"param at step {step}")
+    for x, y in zip(a, b, strict=True):
+        for k in ref.state[x]:
+            assert_bits_equal(ref.state[x][k], opt.state[y][k], k)
+
+
+def test_adafactor_state_not_param_shaped_rechecked_both_ways(check):
+    """Adafactor's per-param state keys (row_var/col_var for a matrix, variance for a vector: a
+    group whose params differ in keys) are rechecked on a cached plan like every rule's: one moved
+    under the same object is followed, one retyped in place is refused naming the param."""
+    torch.manual_seed(6)
+    init = [torch.randn(12, 7), torch.randn(9), torch.randn(3, 4, 5)]
+    a = [t.clone().requires_grad_() for t in init]
+    b = [t.clone().requires_grad_() for t in init]
+    ref, opt = torch.optim.Adafactor(a, foreach=False), rpo.Adafactor(b)
+    for step in range(4):
+        for x, y in zip(a, b, strict=True):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        ref.step()
+        opt.step()
+        if step == 1:
+            for o, ps in ((ref, a), (opt, b)):
+                o.state[ps[0]]["col_var"].data = o.state[ps[0]]["col_var"].data.clone()
+                o.state[ps[1]]["variance"].set_(o.state[ps[1]]["variance"].clone())
+        for x, y in zip(a, b, strict=True):
+            assert_bits_equal(x, y, f"param at step {step}")
+    assert opt._plans[0].meta is not None or check == "Python"
+    t = opt.state[b[2]]["row_var"]
+    t.data = t.data.view(torch.int32)
+    for y in b:
+        y.grad = torch.randn_like(y)
+    before = _snapshot(opt, b)
+    with pytest.raises(RuntimeError, match=r"param group 0, param 2 has state\['row_var'\] of dtype torch.int32"):
+        opt.step()
+    _unchanged(before, opt, b)

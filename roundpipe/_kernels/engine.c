@@ -74,6 +74,98 @@ void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n)
     for (int64_t i = 0; i < n; i++) tensors[i].grad = (void *)ptrs[i];
 }
 
+/* ---- the per-step check of torch's tensor metadata (see engine.h) ---------- */
+
+/* The word at byte offset `off` of a struct. */
+static inline uint64_t word_at(uintptr_t base, int64_t off)
+{
+    uint64_t w;
+    memcpy(&w, (const void *)(base + (uintptr_t)off), sizeof w);
+    return w;
+}
+
+/* The masked words of a TensorImpl's block equal rec's (or, with rec NULL, copied into out). */
+static inline int block_matches(const rp_meta_layout *layout, uintptr_t impl, const uint64_t *rec, uint64_t *out)
+{
+    uint64_t diff = 0;
+    for (int64_t j = 0; j < layout->words; j++) {
+        const uint64_t w = word_at(impl, layout->lo + 8 * j) & layout->mask[j];
+        if (out) out[j] = w;
+        else diff |= w ^ rec[j];
+    }
+    return diff == 0;
+}
+
+int64_t rp_meta_record(const rp_meta_layout *layout, const uintptr_t *impls, const uintptr_t *ptrs,
+                       const int64_t *spans, int32_t exact, rp_meta *meta, int64_t n)
+{
+    int64_t failed = 0;
+    for (int64_t i = 0; i < n; i++) {
+        rp_meta *m = &meta[i];
+        memset(m, 0, sizeof *m);
+        const uintptr_t impl = impls[i];
+        const uintptr_t storage = impl ? (uintptr_t)word_at(impl, layout->storage) : 0;
+        /* More dims than fit inline: the block holds a pointer to the sizes, whose
+           contents could change under it, so such a tensor is never recorded. */
+        if (!storage || (int64_t)word_at(impl, layout->dim) > layout->inline_dims || layout->words > 16) {
+            failed++;
+            continue;
+        }
+        const uintptr_t data = (uintptr_t)word_at(storage, layout->data);
+        const int64_t nbytes = (int64_t)word_at(storage, layout->nbytes);
+        /* torch's own data_ptr() must agree with what was read: a cross-check of the layout. */
+        const int64_t offset = (int64_t)(ptrs[i] - data);
+        if (spans[i] > 0 && (!data || ptrs[i] < data || offset > nbytes || spans[i] > nbytes - offset)) {
+            failed++;
+            continue;
+        }
+        block_matches(layout, impl, NULL, m->block);
+        m->data = data;
+        m->nbytes = nbytes;
+        m->offset = offset;
+        m->need = offset + spans[i];
+        m->exact = exact;
+        m->valid = 1;
+    }
+    return failed;
+}
+
+/* The TensorImpl of tensor i. */
+static inline uintptr_t impl_of(const rp_meta_layout *layout, const uintptr_t *addrs, int32_t via_object, int64_t i)
+{
+    return via_object ? (uintptr_t)word_at(addrs[i], layout->object) : addrs[i];
+}
+
+int64_t rp_meta_check(const rp_meta_layout *layout, const uintptr_t *addrs, int32_t via_object,
+                      const rp_meta *meta, int64_t n, uintptr_t *ptrs, uint8_t *bad)
+{
+    int64_t n_bad = 0;
+    /* Prefetching the next tensors' structs ahead (object, TensorImpl, StorageImpl) was
+       measured and did not pay: 1.8 ms for 4096 x 5 tensors after an Adam step either way. */
+    for (int64_t i = 0; i < n; i++) {
+        const rp_meta *m = &meta[i];
+        const uintptr_t impl = impl_of(layout, addrs, via_object, i);
+        /* The same block: the same sizes, strides, storage offset, dtype, device and keys. */
+        int ok = m->valid && impl && block_matches(layout, impl, m->block, NULL);
+        if (ok) {
+            const uintptr_t storage = (uintptr_t)word_at(impl, layout->storage);
+            ok = storage != 0;
+            if (ok) {
+                const uintptr_t data = (uintptr_t)word_at(storage, layout->data);
+                const int64_t nbytes = (int64_t)word_at(storage, layout->nbytes);
+                /* A storage freed (resize_(0): NULL) or shrunk in place (resize_(0) then resize_(m),
+                   perhaps at the same address) fails both tests; a symbolic size is negative. */
+                ok = m->exact ? data == m->data && nbytes == m->nbytes
+                              : m->need == 0 || (data != 0 && nbytes >= m->need);
+                ptrs[i] = data + (uintptr_t)m->offset;
+            }
+        }
+        bad[i] = (uint8_t)!ok;
+        n_bad += !ok;
+    }
+    return n_bad;
+}
+
 /* ---- fork safety ---------------------------------------------------------- */
 
 /* GNU libgomp keeps its worker threads in a pool that fork() does not copy; a

@@ -118,5 +118,56 @@ void rp_roofline_probe16(float *a, const float *b, float *c, int64_t n, int32_t 
    read and a written: 24 bytes per element (sums: one float per 16 Ki elements). */
 void rp_roofline_probe_adafactor(float *a, const float *b, float *sums, int64_t n, int32_t num_threads);
 
+/* ---- the per-step check of the tensors behind the C arrays ----------------------------
+
+   A step re-checks every tensor the C arrays point into: its memory and its layout must
+   be what the last full check in Python saw. Reading that through torch's Python API costs
+   a dozen attribute calls per tensor, each a pass over cold metadata after the kernel has
+   streamed the params through the caches. Instead the engine reads torch's own structs
+   (c10::TensorImpl and c10::StorageImpl) at byte offsets found and validated by
+   roundpipe/optim/_plan.py at first use; where that validation fails, steps use the
+   Python checks. Only reads: nothing here writes torch's memory. */
+
+/* Where the checked fields are, in bytes from the start of each struct. */
+typedef struct {
+    int64_t object;       /* the Python tensor object: its TensorImpl * (Tensor._cdata)          */
+    int64_t storage;      /* TensorImpl: its StorageImpl * (NULL for tensors without storage)  */
+    int64_t dim;          /* TensorImpl: the number of dimensions (SizesAndStrides::size_)      */
+    int64_t inline_dims;  /* sizes and strides are stored in the TensorImpl up to this many dims */
+    int64_t lo;           /* TensorImpl: the words [lo, lo + 8 * words) hold sizes, strides,
+                             storage offset, numel, dtype, device and dispatch keys (conjugate,
+                             negative, sparse, meta, ...), mixed with bits the check ignores  */
+    int64_t words;        /* <= 16 */
+    uint64_t mask[16];    /* the bits of each word that are compared (padding is not)          */
+    int64_t data;         /* StorageImpl: the data pointer                                       */
+    int64_t nbytes;       /* StorageImpl: the size in bytes                                       */
+} rp_meta_layout;
+
+/* One tensor as the last full check saw it. */
+typedef struct {
+    uint64_t block[16];        /* the TensorImpl's words [lo, lo + 8 * words), masked          */
+    uintptr_t data;            /* its storage's data pointer and size ...                      */
+    int64_t nbytes;
+    int64_t offset;            /* ... the tensor's first byte - data, and offset + its bytes   */
+    int64_t need;
+    int32_t exact;             /* 1: the same allocation (params and state, whose addresses are in
+                                  the C arrays); 0: any allocation that holds `need` bytes (grads) */
+    int32_t valid;             /* 0: never passes (not recordable: > inline_dims dims, no storage) */
+} rp_meta;
+
+/* Record tensors impls[i] (TensorImpl addresses, torch's Tensor._cdata) into meta[i]:
+   ptrs[i] and spans[i] are their data_ptr() and numel * element size as torch reports
+   them. Returns how many could not be recorded (their meta[i].valid is 0). */
+int64_t rp_meta_record(const rp_meta_layout *layout, const uintptr_t *impls, const uintptr_t *ptrs,
+                       const int64_t *spans, int32_t exact, rp_meta *meta, int64_t n);
+
+/* Check tensors against meta[i]: bad[i] = 1 where a tensor's layout bytes differ, or its
+   storage is not the recorded allocation (exact) or cannot hold it; else bad[i] = 0 and
+   ptrs[i] = its data pointer. The tensors are TensorImpls at addrs[i], or with via_object
+   the Python tensor objects at addrs[i] (id(t)), whose TensorImpl is read each time (it is
+   not cached: torch.utils.swap_tensors gives an object another). Returns how many are bad. */
+int64_t rp_meta_check(const rp_meta_layout *layout, const uintptr_t *addrs, int32_t via_object,
+                      const rp_meta *meta, int64_t n, uintptr_t *ptrs, uint8_t *bad);
+
 /* 1 when this process is a fork() child: steps then run on one thread (see engine.c). */
 int rp_in_forked_child(void);

@@ -31,8 +31,9 @@ before their element pass (Adafactor's row and column sums of squares and norms;
   per chunk plus one per column, and hands both to the C entry point in rp_run_opts.
 
 Everything else is written once, here: validation before anything is mutated, with
-errors that name the group and parameter; plans reused between steps and checked in
-C-level passes (every pointer the C code will touch: address, storage size, dtype);
+errors that name the group and parameter; plans reused between steps and rechecked
+each step (every tensor the C code will touch: address, storage size, layout, dtype;
+one C pass over torch's tensor structs, see _plan.py);
 refusal of memory shared by two params or a param and a state tensor; fresh grads
 repointed in one C call; the flattened chunk list and one C call per param group with
 the GIL released; the thread count from ``torch.get_num_threads()``; one step at a
@@ -43,8 +44,6 @@ it; torch.compile; and checkpoints that torch's own optimizers resume.
 
 from __future__ import annotations
 
-import itertools
-import operator
 import sys
 import threading
 import warnings
@@ -57,6 +56,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .. import _build, _threads
+from ._plan import _GroupPlan, _state_column
 
 # Elements per chunk: 16 Ki fp32 = 64 KiB per array, 320 KiB for the five
 # arrays an amsgrad step touches, which fits in L2 with room to spare; big
@@ -92,9 +92,6 @@ _REAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Choices for the state dtype options (exp_avg_dtype, ...); None: torch's layout, see _layout_dtypes.
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
-_DTYPE_OF = operator.attrgetter("dtype")
-_IS_CPU = operator.attrgetter("is_cpu")
-_STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
 def native_available() -> bool:
@@ -153,160 +150,8 @@ def _local_ptr(t: Tensor) -> int:
     return _local(t).data_ptr()
 
 
-def _state_column(states: list[dict[str, Any]], key: str, every: bool = True) -> list[Tensor]:
-    """state[key] of every param, in C-level passes; masters only where there is one
-    (the fp32 params of a master_weights group have none), and likewise any key that not
-    every param has (every=False: a rule with _param_state_keys)."""
-    if key == "master_param" or not every:
-        return [t for t in map(operator.methodcaller("get", key), states) if t is not None]
-    return list(map(operator.itemgetter(key), states))
-
-
 def _local_storage(t: Tensor) -> Any:
     return _local(t).untyped_storage()
-
-
-class _GroupPlan:
-    """One param group's tensors as the kernel sees them, reused while nothing changes.
-
-    Built by ``FusedOptimizer._plan``: the C arrays of tensor pointers and the chunk list
-    live here between steps. A later step checks, with C-speed identity
-    comparisons, that the params, their storage and their state are the ones
-    the arrays point at; grads that are new tensors (``zero_grad()`` sets them
-    to None every step) are validated and only their pointers are updated.
-    """
-
-    def __init__(self, group: dict[str, Any], config: tuple) -> None:
-        self.group = group
-        self.config = config  # what the arrays depend on in the group: FusedOptimizer._config
-        self.all_grads: list[Tensor | None] = []  # p.grad of every param in the group
-        self.group_params: list[Tensor] = []  # group["params"] when the plan was made
-        self.params: list[Tensor] = []  # those with a grad, in group order
-        self.grads: list[Tensor] = []
-        self.states: list[dict[str, Any]] = []
-        self.state_keys: tuple[str, ...] = ()
-        self.state_tensors: list[list[Tensor]] = []  # per key in state_keys, per param
-        self.group_index: list[int] = []  # slot -> index in group["params"], for messages
-        self.param_sig: tuple = ()  # signature() of params and of grads when the arrays were filled
-        self.param_bytes: list[int] = []  # storage sizes of params, grads and state tensors when the
-        self.grad_bytes: list[int] = []  # arrays were filled: a storage shrunk in place at the same
-        self.state_bytes: list[list[int] | None] = []  # address (resize_(0), then resize_(m)) must not be written
-        self.state_ptrs: list[list[int]] = []  # data pointers of the state tensors, per key
-        self.grad_sig: tuple = ([], [], [])
-        # Grads checked by _plan that the next run points the C arrays at, and their signature.
-        self.pending_grads: list[Tensor] | None = None
-        self.pending_grad_sig: tuple = ([], [], [])
-        self.pending_grad_bytes: list[int] = []
-        self.param_dtypes: list[torch.dtype] = []  # of self.params, for the bulk grad check
-        self.has_complex = False  # a complex param: its grads may be lazy conjugates
-        self.tensors: Any = None  # rp_tensor[] (native path)
-        self.chunks: Any = None  # rp_chunk[]
-        self.n_chunks = 0
-        self.rchunks: Any = None  # rp_rchunk[] and float[] scratch: the reduction phase's plan
-        self.state_every = True  # every param has every state key (False: a rule with _param_state_keys)
-        self.scratch: Any = None
-        self.hyper: Any = None  # the rule's hyperparameter struct (rp_adam_hyper *, ...)
-        self.run_opts: Any = None  # rp_run_opts *
-        self.grad_ptrs: Any = None  # uintptr_t[], staging for rp_set_grads
-        self.fresh: list[bool] = []  # per slot: its state was created for this plan's first step
-        self.built = False  # state created and C arrays filled (on the first run)
-        self.ptr_of: Callable[[Tensor], int] = Tensor.data_ptr  # _local_ptr when there are DTensors
-        self.storage_of: Callable[[Tensor], Any] = Tensor.untyped_storage  # of the local shard for DTensors
-
-    def signature(self, tensors: list[Tensor]) -> tuple[list[int], list[tuple[int, ...]], list[int]]:
-        """Where each tensor's memory is and how it is laid out: what the C arrays depend on."""
-        try:
-            return list(map(self.ptr_of, tensors)), list(map(Tensor.stride, tensors)), list(map(Tensor.numel, tensors))
-        except RuntimeError:  # a tensor without strides or storage (sparse, meta): never matches
-            return [-1] * len(tensors), [()] * len(tensors), [-1] * len(tensors)
-
-    def storage_bytes(self, tensors: list[Tensor]) -> list[int]:
-        """The size in bytes of each tensor's storage (C-level passes; -1 where there is none)."""
-        try:
-            return list(map(_STORAGE_NBYTES, map(self.storage_of, tensors)))
-        except (RuntimeError, NotImplementedError):
-            return [-1] * len(tensors)
-
-    def grads_changed(self, group_params: list[Tensor], all_grads: list[Tensor | None], state: dict) -> bool | None:
-        """Whether some grads are new, or were moved or reshaped in place; None if the plan no longer fits.
-
-        The plan fits while every pointer in its C arrays is still valid: the
-        params (address, strides, size, dtype and storage size), the identity
-        of every state dict and state tensor, and each state tensor's address
-        and storage size (``t.data = ...``, ``t.set_(...)`` and
-        ``t.untyped_storage().resize_()`` keep the object and move its memory).
-        Costs a few C-level passes over the group (about 1.8 us a tensor). When
-        grads changed, they and their signature wait in pending_grads and
-        pending_grad_sig for the checks in _plan.
-        """
-        if not self.built or len(group_params) != len(self.group_params):
-            return None
-        if not all(map(operator.is_, group_params, self.group_params)):
-            return None  # params were added to, removed from or replaced in the group
-        if not all(map(operator.is_, all_grads, self.all_grads)):
-            for g, g0 in zip(all_grads, self.all_grads, strict=True):
-                if (g is None) != (g0 is None):
-                    return None  # another set of params has grads
-        params = self.params
-        if not all(map(operator.is_, map(_DTYPE_OF, params), self.param_dtypes)):
-            return None  # p.data = p.data.view(other dtype)
-        if self.signature(params) != self.param_sig or self.storage_bytes(params) != self.param_bytes:
-            return None  # a param's storage or shape changed (p.data = ..., resize_)
-        if not all(map(operator.is_, map(state.get, params), self.states)):
-            return None
-        try:
-            for key, tensors, ptrs, nbytes in zip(self.state_keys, self.state_tensors, self.state_ptrs, self.state_bytes, strict=True):
-                current = _state_column(self.states, key, self.state_every)
-                if not all(map(operator.is_, current, tensors)):
-                    return None  # a state tensor was replaced
-                if list(map(self.ptr_of, current)) != ptrs or (nbytes is not None and self.storage_bytes(current) != nbytes):
-                    return None  # its memory moved under the same object
-        except (KeyError, RuntimeError):
-            return None  # opt.state[p].clear(), or a tensor without storage: the full check decides
-        grads = [g for g in all_grads if g is not None]
-        sig = self.signature(grads)
-        nbytes = self.storage_bytes(grads)
-        if all(map(operator.is_, grads, self.grads)) and sig == self.grad_sig and nbytes == self.grad_bytes:
-            self.pending_grads = None  # any left by a step that raised later were never applied
-            return False
-        self.pending_grads, self.pending_grad_sig, self.pending_grad_bytes = grads, sig, nbytes
-        return True
-
-    def layouts_match(self) -> bool:
-        """True if no pending grad needs a full check: all are plain contiguous CPU tensors of
-        their param's dtype, not lazy conjugate or negative views, with the strides and sizes of
-        the grads they replace (which passed _check_tensor, so they have their param's shape).
-        C-level passes, no Python per tensor: the common case of zero_grad(set_to_none=True),
-        where every grad is new each step. When it fails, _check_tensor decides slot by slot."""
-        grads = self.pending_grads
-        if grads is None:
-            return True
-        ptrs, strides, numels = self.pending_grad_sig
-        return (
-            strides == self.grad_sig[1] and numels == self.grad_sig[2]
-            and all(ptrs)  # a freed storage (resize_(0)) has a NULL pointer: the full check names it
-            and self.pending_grad_bytes == self.grad_bytes
-            and all(map(operator.is_, map(type, grads), itertools.repeat(Tensor)))
-            and all(map(operator.is_, map(_DTYPE_OF, grads), self.param_dtypes))
-            and all(map(_IS_CPU, grads)) and all(map(Tensor.is_contiguous, grads))
-            and not any(map(Tensor.is_neg, grads))
-            and not (self.has_complex and any(map(Tensor.is_conj, grads)))
-        )
-
-    def changed_slots(self) -> list[int]:
-        """Slots whose pending grad is a new tensor or was moved or reshaped in place."""
-        ptrs, strides, numels = self.pending_grad_sig
-        old_ptrs, old_strides, old_numels = self.grad_sig
-        if self.pending_grads is None:
-            return []
-        return [
-            slot for slot, (g, g0, a, a0, b, b0, c, c0, d, d0) in enumerate(zip(
-                self.pending_grads, self.grads, ptrs, old_ptrs, strides, old_strides, numels, old_numels,
-                self.pending_grad_bytes, self.grad_bytes, strict=True))
-            if g is not g0 or a != a0 or b != b0 or c != c0 or d != d0
-        ]
-
-
 
 
 class FusedOptimizer(Optimizer):
@@ -644,7 +489,7 @@ class FusedOptimizer(Optimizer):
                         _check_tensor(plan.params[slot], all_grads[i], f"param group {gi}, param {i}",
                                       self._NAME, self._PARAM_DTYPES)
                         if _needs_copy(all_grads[i]):
-                            _copy_pending_grad(plan, slot)
+                            plan.copy_pending_grad(slot)
                 plan.all_grads = all_grads
                 return plan
         # Full check of every tensor and its state; state for new params and the
@@ -728,8 +573,10 @@ class FusedOptimizer(Optimizer):
     def _build(self, plan: _GroupPlan) -> None:
         """State for new params, then the C arrays; raises nothing after _plan's checks."""
         self._init_state(plan)
+        plan.kernel = self._kernel
         if self._kernel is not None:
             self._build_native(plan)
+            plan.record(self._kernel)
         plan.built = True
 
     def _init_state(self, plan: _GroupPlan) -> None:
@@ -772,6 +619,7 @@ class FusedOptimizer(Optimizer):
         plan.state_every = type(self)._param_state_keys is FusedOptimizer._param_state_keys
         plan.state_tensors = [_state_column(plan.states, k, plan.state_every) for k in keys]
         plan.state_ptrs = [list(map(plan.ptr_of, ts)) for ts in plan.state_tensors]
+        plan.state_dtypes = [[t.dtype for t in ts] for ts in plan.state_tensors]
         # A 0-dim step's storage cannot shrink in place and keep its address (resize_(0) makes it
         # NULL, which its address check sees): its size is not rechecked each step.
         plan.state_bytes = [None if k == "step" else plan.storage_bytes(ts)
@@ -832,15 +680,7 @@ class FusedOptimizer(Optimizer):
         # from swapping them: a grad the caller drops meanwhile is not freed under the kernel.
         kernel = cast(Any, self._kernel)
         ffi = kernel.ffi if kernel is not None else None
-        if plan.pending_grads is not None:  # grads checked by _plan; point the arrays at them
-            plan.grads = plan.pending_grads
-            plan.grad_sig = plan.pending_grad_sig  # computed by grads_changed for these grads
-            plan.grad_bytes = plan.pending_grad_bytes
-            plan.pending_grads = None
-            if ffi is not None:
-                ptrs = plan.grad_sig[0]
-                plan.grad_ptrs[0:len(ptrs)] = ptrs
-                kernel.lib.rp_set_grads(plan.tensors, plan.grad_ptrs, len(ptrs))
+        plan.apply_grads()  # grads checked by _plan; point the arrays at them
         if ffi is None:
             self._fallback_step(plan, grad_scale, found_inf)
             return
@@ -973,15 +813,6 @@ def _needs_copy(g: Tensor) -> bool:
     to go: it keeps its scaled values. Other non-contiguous grads are refused (_check_tensor)."""
     return type(g) in (Tensor, torch.nn.Parameter) and any(
         s == 0 and n > 1 for n, s in zip(g.shape, g.stride(), strict=True))
-
-
-def _copy_pending_grad(plan: _GroupPlan, slot: int) -> None:
-    """Point slot's pending grad, and its signature, at a contiguous copy (see _needs_copy)."""
-    grads = cast(list[Tensor], plan.pending_grads)
-    work = grads[slot] = grads[slot].contiguous()
-    plan.pending_grad_sig[0][slot] = plan.ptr_of(work)
-    plan.pending_grad_sig[1][slot] = work.stride()
-    plan.pending_grad_bytes[slot] = plan.storage_bytes([work])[0]
 
 
 def _check_allocated(t: Tensor, what: str, where: str, who: str = "Adam") -> None:
