@@ -1,8 +1,11 @@
-"""Bit-for-bit harness for the rules whose reference is torch's for-loop step (NAdam, ASGD).
+"""Bit-for-bit harness for the rules whose reference is torch's for-loop step (NAdam, ASGD,
+RMSprop, Adadelta, Rprop).
 
 Unlike scripts/rules_harness.py (which compiles one rule's element loop alone), this one
 steps the public classes: their per-tensor scalar state (NAdam's mu_product, ASGD's eta
-and mu) is updated by each rule's C entry point, so the whole step is what is compared.
+and mu) is updated by each rule's C entry point, and some of torch's ops on complex params
+are complex ops (RMSprop's and Adadelta's weight decay, Adadelta's update, -grad), so the
+whole step is what is compared.
 Each combination trains roundpipe's optimizer and torch's (``foreach=False``, its default
 on CPU) on the same params and grads:
 
@@ -19,7 +22,7 @@ Every float of params, grads (unscaled in place) and state is compared as raw bi
 NaN signs count too. ``--foreach`` also counts where torch's ``foreach=True`` differs
 from its default (reported, not a failure: roundpipe matches the default).
 
-Usage: python scripts/loop_rules_harness.py [nadam|asgd ...] [--quick] [--foreach] [--stop]
+Usage: python scripts/loop_rules_harness.py [nadam|asgd|rmsprop|adadelta|rprop ...] [--quick] [--foreach] [--stop]
 Exit status 0 when every combination is bit-identical.
 """
 
@@ -58,8 +61,20 @@ REGISTRY: dict[str, tuple[type, type, list[dict[str, Any]]]] = {
     "asgd": (rpo.ASGD, torch.optim.ASGD, grid(
         weight_decay=[0.0, 0.05], maximize=[False, True], t0=[1e6, 0.0, 2.5],
         lambd=[1e-4, 0.5], alpha=[0.75, 0.5, 2.0])),
+    "rmsprop": (rpo.RMSprop, torch.optim.RMSprop, grid(
+        centered=[False, True], momentum=[0.0, 0.9], weight_decay=[0.0, 0.05], maximize=[False, True],
+        alpha=[0.99, 0.3], eps=[1e-8, 0.0])),
+    "adadelta": (rpo.Adadelta, torch.optim.Adadelta, grid(
+        lr=[1.0, 0.0], rho=[0.9, 0.0, 1.0], eps=[1e-6, 0.0], weight_decay=[0.0, 0.05], maximize=[False, True])),
+    # etas that round to 0 or 1 in float, min > max, unbounded, a NaN bound, lr = 0
+    "rprop": (rpo.Rprop, torch.optim.Rprop, grid(
+        lr=[0.01, 0.0], etas=[(0.5, 1.2), (1e-50, 1.7), (0.9999999999, 1.2)],
+        step_sizes=[(1e-6, 50.0), (3.0, 2.0), (0.0, float("inf")), (float("nan"), 1.0)], maximize=[False, True])),
 }
-LRS = {"nadam": 2e-2, "asgd": 5e-2}
+LRS = {"nadam": 2e-2, "asgd": 5e-2, "rmsprop": 1e-2}  # else the flags' lr
+# complex64 params of these sizes (up to 32768 elements: beyond it torch's complex ops put NaN and
+# zero signs where its own thread split falls, rules.h)
+COMPLEX_SIZES = (1, 5, 8, 17, 33, 67, 1000)
 
 
 def values(n: int, gen: torch.Generator, special: bool, nan: bool) -> torch.Tensor:
@@ -161,10 +176,10 @@ def run_rule(rule: str, quick: bool, foreach: bool, stop: bool) -> tuple[int, in
             # skips such steps. torch's GradScaler cannot unscale complex grads on the CPU
             # (_amp_foreach_non_finite_check_and_unscale_ is not implemented for them).
             nan = fi % 2 == 1 and scale is None
-            shapes = [(n, False) for n in sizes(quick)] + [(n, True) for n in (1, 5, 17, 33) if scale is None]
+            shapes = [(n, False) for n in sizes(quick)] + [(n, True) for n in COMPLEX_SIZES if scale is None]
             init = [make(n, gen, c, False) for n, c in shapes]
             grads = [[make(n, gen, c, nan) for n, c in shapes] for _ in range(steps)]
-            lr = LRS[rule]
+            lr = f.get("lr", LRS.get(rule))
             kw = {**f, "lr": torch.tensor(lr) if lr_kind == "tensor" else lr}
             ref = train(torch_cls, {**kw, "foreach": False}, init, grads, scale, None, False)
             runs = [("torch at 1 thread", train(torch_cls, {**kw, "foreach": False}, init, grads, scale, 1, False), ref)]

@@ -230,3 +230,78 @@ static inline int64_t rp_neg_sub_count(int is_complex, int64_t tail_start, int64
    check `how` against torch.sqrt once (each rule's module may be built alone). */
 #define RP_EXPORT_TORCH_SQRT(name) \
     void name(int32_t how, void *vml_sqrt, const float *a, float *r, int64_t n) { rp_torch_sqrt(vml_sqrt, how, n, a, r); }
+
+/* GradScaler's unscale_ of n grads in place, before a rule's own pass over them
+   (RMSprop, Adadelta, Rprop): g * (float)(1 / scale), as rp_loop_grad. */
+static inline void rp_unscale(int64_t n, float *restrict g, float inv_scale)
+{
+    for (int64_t i = 0; i < n; i++) rp_loop_grad(g, i, 1, inv_scale, RP_NEG_NONE);
+}
+
+/* torch's real grad: -grad (maximize, a sign flip), then grad.add(param,
+   alpha=wd) (decay). maximize and decay are compile-time constants at the
+   call sites (RMSprop, Adadelta). */
+static inline __attribute__((always_inline)) float rp_torch_grad(float g, float p, float wd, const int maximize,
+                                                                 const int decay)
+{
+    g = rp_torch_neg(g, maximize ? RP_NEG_FLIP : RP_NEG_NONE);
+    return decay ? rp_coupled_decay(g, p, wd) : g;
+}
+
+/* v.mul_(beta).addcmul_(g, g, value=1 - beta), omb = (float)(1 - beta): a running
+   average of squares, g's NaN first. */
+static inline __attribute__((always_inline)) float rp_sq_avg(float v, float g, float beta, float omb)
+{
+    return rp_nan_from(g, fmaf(omb * g, g, v * beta));
+}
+
+/* ---- complex64 tensors: torch's complex ops, element for element ------------------------
+
+   torch's single-tensor RMSprop, Adadelta and Rprop step a complex param as its real view,
+   except for a few ops on the complex tensors themselves: -grad (maximize),
+   grad.add(param, alpha=wd), Adadelta's param.add_(delta, alpha=-lr). Their values are
+   those of the real ops, but NaN and zero signs depend on where an element falls: torch's
+   Vectorized<complex<float>> loop computes -x as 0 - x (rp_torch_neg's RP_NEG_SUB) and
+   a + alpha*b as (alpha*b) + a, its scalar tail flips signs and adds a + (alpha*b). Where
+   two NaNs meet, x86 returns the first operand's, made explicit below. Measured on torch
+   2.13 against every combination of 0, -0, finite, +-inf and +-NaN parts in both regions
+   (scripts/loop_rules_harness.py).
+   Known gap: where two NaNs meet in a complex add of a tensor whose size is not a multiple
+   of 8 (torch's complex add seems to run 4 complex a vector where its neg runs 8), the NaN's
+   sign can differ from torch's; values, and NaN positions, are torch's.
+   Where torch's scalar tails are: the last numel % vec elements (rp_neg_sub_count), as
+   torch on one thread or any tensor under 32768 elements; above that, on T threads,
+   at::parallel_for gives each of its chunks a tail of its own, so torch's NaN and zero signs
+   there depend on its thread count. Ours never do: they are torch's on one thread. */
+
+static inline float rp_add_first(float a, float b) { return rp_nan_from(a, a + b); }
+static inline float rp_sub_first(float a, float b) { return rp_nan_from(a, a - b); }
+
+/* out = (neg ? -x : x), then .add(y, alpha=a) when axpy: complex64 as n floats of (re, im)
+   pairs starting at float `first` of a tensor whose torch vector body ends at float
+   tail_start. The product alpha*y with alpha = (a, +0) is re = a*y_re - 0*y_im,
+   im = a*y_im + 0*y_re (the vector loop adds 0*y_re first), each rounded, then added to x:
+   two roundings where the real op is one fmaf, and an inf part of y makes the other part NaN
+   (0 * inf). out may be x (in place): each pair is read before it is written. */
+static inline void rp_complex_axpy(int64_t n, float *out, const float *x, const float *y, float a, int neg, int axpy,
+                                   int64_t first, int64_t tail_start)
+{
+    const float zero = 0.0f; /* 0 * y is not folded: no -ffast-math */
+    for (int64_t i = 0; i + 1 < n; i += 2) {
+        const int tail = first + i >= tail_start;
+        float xr = x[i], xi = x[i + 1];
+        if (neg) {
+            xr = rp_torch_neg(xr, tail ? RP_NEG_FLIP : RP_NEG_SUB);
+            xi = rp_torch_neg(xi, tail ? RP_NEG_FLIP : RP_NEG_SUB);
+        }
+        if (axpy) {
+            const float yr = y[i], yi = y[i + 1];
+            const float tr = rp_sub_first(a * yr, zero * yi);
+            const float ti = tail ? rp_add_first(a * yi, zero * yr) : rp_add_first(zero * yr, a * yi);
+            xr = tail ? rp_add_first(xr, tr) : rp_add_first(tr, xr);
+            xi = tail ? rp_add_first(xi, ti) : rp_add_first(ti, xi);
+        }
+        out[i] = xr;
+        out[i + 1] = xi;
+    }
+}

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ from ._engine import (
     FusedOptimizer,
     _GroupPlan,
     _scalar,
+    check_lr,
     check_number,
     fp32_working_set,
     torch_dispatch_vec,
@@ -51,6 +53,24 @@ def check_betas(group: dict[str, Any], where: str) -> tuple[float, float]:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}{where}")
     return pair
+
+
+def check_float(value: float, key: str, where: str) -> None:
+    """torch converts a hyperparameter to a float32 Scalar in its ops, and raises mid-step
+    ("value cannot be converted to type float without overflow") for a finite value beyond
+    float32's range: raise that before any group steps."""
+    if math.isfinite(value) and abs(value) > _FLT_MAX:
+        raise ValueError(f"{key} = {value}{where} cannot be converted to float32 without overflow")
+
+
+_FLT_MAX = float(torch.finfo(torch.float32).max)
+
+
+def zero_state(p: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
+    """``step`` 0 (a float32 0-dim tensor) and each state key as zeros of its dtype: torch's
+    first-step layout, and nothing uninitialized should a skipped step leave it."""
+    state = {k: torch.zeros_like(p, dtype=d, memory_format=torch.contiguous_format) for k, d in dtypes.items()}
+    return {"step": torch.zeros((), dtype=torch.float32), **state}
 
 
 def unscale_like_grad_scaler(grads: list[Tensor], grad_scale: Tensor | None) -> None:
@@ -123,11 +143,36 @@ class ForLoopRule(FusedOptimizer):
     """What a rule whose reference is torch's for-loop step adds to the engine: complex params
     stepped as their real view (with torch's -grad of a complex tensor: rules.h, rp_torch_neg,
     told by rp_tensor.scalar[3]), no ``fused`` argument, the group's lr, maximize and torch's
-    sqrt in its C struct, and a fallback through torch's own single-tensor function."""
+    sqrt in its C struct, and a fallback through torch's own single-tensor function.
+
+    By default a group is checked as ``_RANGES`` says (key -> (torch's name for it, lower
+    bound, upper bound or None), each a real number within float32's range) plus
+    ``_check_more``, and state starts as zeros (``zero_state``)."""
 
     _PARAM_DTYPES = (*_REAL_DTYPES, torch.complex64)
     _TORCH_VEC = torch_dispatch_vec()  # where a complex tensor's vector body ends (rules.h, rp_torch_neg)
     _TORCH_FUSED = False  # these torch classes have no fused argument
+    _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "foreach": None, "maximize": False, "differentiable": False, "capturable": False, "master_weights": False,
+    }
+    _BOOL_OPTIONS: ClassVar[tuple[str, ...]] = ("capturable", "maximize", "differentiable")
+    _RANGES: ClassVar[dict[str, tuple[str, float, float | None]]] = {}
+
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        check_float(check_number(group, "lr", where, tensor_ok=True), "lr", where)
+        check_lr(group["lr"], where)
+        for key, (what, lo, hi) in self._RANGES.items():
+            value = check_number(group, key, where)
+            if not (lo <= value and (hi is None or value <= hi)):
+                raise ValueError(f"Invalid {what} value: {group[key]}{where}")
+            check_float(value, key, where)
+        self._check_more(group, where)
+
+    def _check_more(self, group: dict[str, Any], where: str) -> None:
+        """Checks beyond _RANGES (Rprop's pairs)."""
+
+    def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+        return zero_state(p, dtypes)
 
     def _fill_tensor(self, t: Any, ffi: Any, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
         t.scalar[3] = 1.0 if p.is_complex() else 0.0  # the rule's entry point leaves scalar[3] alone
@@ -140,11 +185,20 @@ class ForLoopRule(FusedOptimizer):
         fill_torch_sqrt(h, self._kernel, self._kernel_rule())
 
     def _loop_fallback(self, plan: _GroupPlan, grad_scale: Tensor | None, keys: tuple[str, ...],
-                       scalar_keys: tuple[str, ...], step: Callable[..., None]) -> None:
+                       scalar_keys: tuple[str, ...], step: Callable[..., None], complex_ops: bool = False) -> None:
         """step(params, grads, *states, *scalars): torch's single-tensor function on fp32 (real views
-        of complex, working copies of 16-bit tensors, masters), after GradScaler's unscale."""
+        of complex, working copies of 16-bit tensors, masters), after GradScaler's unscale.
+        complex_ops: hand complex params (and their grads and state) to torch as complex tensors,
+        for rules whose torch step runs some ops on the complex tensors (RMSprop's weight decay)."""
         params, grads, states, back = fp32_working_set(plan, keys, grad_scale is not None)
         unscale_like_grad_scaler(grads, grad_scale)
+        if complex_ops:
+            cplx = [p.is_complex() for p in plan.params]
+
+            def as_complex(ts: list[Tensor]) -> list[Tensor]:
+                return [torch.view_as_complex(t) if c else t for t, c in zip(ts, cplx, strict=True)]
+
+            params, grads, states = as_complex(params), as_complex(grads), [as_complex(col) for col in states]
         scalars = [[st[k] for st in plan.states] for k in scalar_keys]
         step(params, grads, *states, *scalars)
         for dst, src in back:

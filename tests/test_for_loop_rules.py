@@ -1,4 +1,5 @@
-"""NAdam and ASGD (issue 23) against torch 2.13's default for-loop step (foreach=False), bit for bit.
+"""The rules whose reference is torch 2.13's default for-loop step (foreach=False): NAdam, ASGD,
+RMSprop, Adadelta and Rprop (issue 23), bit for bit.
 
 One spec table (SPECS: rule -> our class, torch's, flags, state keys) drives every generic test,
 so that the new rules' test files can be merged into one. The exhaustive bit matrix (every flag
@@ -6,7 +7,7 @@ combination, sizes 1..67 and large, NaN/Inf, Tensor lr, GradScaler scales, 1 and
 scripts/loop_rules_harness.py; here is a representative slice of it, and the contracts: torch
 checkpoints both ways mid-training, 16-bit = the fp32 step rounded once, master weights,
 torch's GradScaler, bad input raising before anything is mutated, the fallback without a
-compiler, and the engine's per-param scalar state (mu_product, eta, mu).
+compiler, a skipped first step, and the engine's per-param scalar state (mu_product, eta, mu).
 """
 
 from __future__ import annotations
@@ -45,8 +46,24 @@ SPECS = {
         [{}, {"t0": 0.0, "weight_decay": 0.05}, {"t0": 1.5, "maximize": True, "lambd": 0.5, "alpha": 0.5},
          {"t0": 2.0, "alpha": 2.0, "maximize": True}],
         ("step", "eta", "mu", "ax"), ("eta", "mu")),
+    # lrs representable in bf16 and fp16 (Rprop's step_size starts there)
+    "RMSprop": Spec(
+        rpo.RMSprop, torch.optim.RMSprop,
+        {"lr": 2.0 ** -7, "momentum": 0.5, "centered": True, "weight_decay": 0.05, "maximize": True},
+        [{}, {"momentum": 0.9}, {"centered": True, "alpha": 0.3}, {"weight_decay": 0.05, "maximize": True},
+         {"centered": True, "momentum": 0.5, "weight_decay": 0.05, "maximize": True}],
+        ("step", "square_avg", "momentum_buffer", "grad_avg"), ()),
+    "Adadelta": Spec(
+        rpo.Adadelta, torch.optim.Adadelta, {"lr": 0.5, "rho": 0.5, "weight_decay": 0.05, "maximize": True},
+        [{}, {"rho": 0.5, "eps": 1e-3}, {"weight_decay": 0.05, "maximize": True}],
+        ("step", "square_avg", "acc_delta"), ()),
+    "Rprop": Spec(
+        rpo.Rprop, torch.optim.Rprop, {"lr": 2.0 ** -6, "etas": (0.3, 1.7), "step_sizes": (1e-3, 0.05), "maximize": True},
+        [{}, {"maximize": True, "etas": (0.3, 1.7)}, {"step_sizes": (3.0, 2.0)}, {"step_sizes": (1e-3, 0.05)}],
+        ("step", "prev", "step_size"), ()),
 }
 RULES = list(SPECS)
+SCALAR_RULES = [rule for rule in RULES if SPECS[rule].scalars]
 SIZES = [*range(1, 34), 67, 1003, 40_000]
 STEPS = 4
 SPECIALS = [0.0, -0.0, 1e-40, 3e38, float("inf"), float("-inf"), float("nan"), -float("nan")]
@@ -150,7 +167,7 @@ def test_checkpoints_resume_both_ways_bit_identically(rule, direction):
     assert "fused" not in resumed.state_dict()["param_groups"][0]
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", SCALAR_RULES)
 def test_scalar_state_stays_float32_when_loaded_on_16bit_params(rule):
     """torch casts every floating state tensor but step to the param's dtype on load: the
     engine keeps the per-param scalars in their declared float32, from the saved values."""
@@ -172,7 +189,7 @@ def test_scalar_state_stays_float32_when_loaded_on_16bit_params(rule):
     fresh.step()
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", SCALAR_RULES)
 def test_scalar_state_of_the_wrong_kind_is_refused_by_name(rule):
     spec = SPECS[rule]
     p = torch.randn(8, requires_grad=True)
@@ -192,6 +209,38 @@ def test_scalar_state_of_the_wrong_kind_is_refused_by_name(rule):
         assert_bits_equal(p, before, "param after a refused step")
     opt.state[p][key] = good
     opt.step()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_skipped_first_step_leaves_no_uninitialized_state(rule):
+    """GradScaler's found_inf skips the whole step; the state it creates is torch's first-step
+    state (zeros, step 0, Rprop's step_size = lr), so the next step is torch's first step, after
+    a checkpoint too."""
+    spec = SPECS[rule]
+    p = torch.randn(1000).requires_grad_()
+    opt = spec.ours([p], **spec.kw)
+    p.grad = torch.full((1000,), float("inf"))
+    opt.step(found_inf=torch.tensor(1.0), grad_scale=torch.tensor(1.0))
+    before = p.detach().clone()
+    for key, t in opt.state[p].items():
+        if key == "step":
+            assert t.item() == 0.0
+        elif key == "step_size":
+            assert torch.equal(t, torch.full_like(t, spec.kw["lr"]))
+        elif key not in spec.scalars:
+            assert torch.equal(t, torch.zeros_like(t)), key
+    assert_bits_equal(p, before, "param after a skipped step")
+    resumed = spec.ours([p], **spec.kw)
+    resumed.load_state_dict(opt.state_dict())
+    q = before.clone().requires_grad_()
+    ref = spec.ref([q], **spec.kw)
+    g = torch.randn(1000)
+    p.grad, q.grad = g.clone(), g.clone()
+    resumed.step()
+    ref.step()
+    assert_bits_equal(p, q, "first real step")
+    for k in spec.keys:
+        assert_bits_equal(resumed.state[p][k], ref.state[q][k], k)
 
 
 # ---- 16-bit, master weights, GradScaler ---------------------------------------------------------
@@ -287,6 +336,20 @@ def test_grad_scaler_matches_torchs_class_under_torchs_grad_scaler(rule):
     ("ASGD", {"weight_decay": -1.0}, "Invalid weight_decay value"),
     ("ASGD", {"t0": None}, "t0 must be a real number"),
     ("ASGD", {"differentiable": True}, "differentiable=True is not supported"),
+    ("RMSprop", {"alpha": -0.1}, "Invalid alpha value"),
+    ("RMSprop", {"eps": -1.0}, "Invalid epsilon value"),
+    ("RMSprop", {"momentum": -0.5}, "Invalid momentum value"),
+    ("RMSprop", {"lr": -1.0}, "Invalid learning rate"),
+    ("RMSprop", {"centered": "yes"}, "centered must be a bool"),
+    ("RMSprop", {"lr": 1e50}, "cannot be converted to float32"),
+    ("Adadelta", {"rho": 1.5}, "Invalid rho value"),
+    ("Adadelta", {"weight_decay": -1.0}, "Invalid weight_decay value"),
+    ("Adadelta", {"capturable": True}, "capturable=True is not supported"),
+    ("Rprop", {"etas": (1.5, 2.0)}, "Invalid eta values"),
+    ("Rprop", {"etas": (0.5, 0.9)}, "Invalid eta values"),
+    ("Rprop", {"step_sizes": (1e-6,)}, "step_sizes must be a pair"),
+    ("Rprop", {"step_sizes": (0.0, 1e50)}, "cannot be converted to float32"),
+    ("Rprop", {"differentiable": True}, "differentiable=True is not supported"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_arguments_raise_at_construction(rule, kw, match):
     with pytest.raises((ValueError, TypeError), match=re.escape(match)):
@@ -306,7 +369,7 @@ def test_a_bad_hyperparameter_in_group_1_leaves_group_0_untouched(rule, bad):
     opt.param_groups[1][key] = bad
     good.grad, other.grad = torch.ones(8), torch.ones(8)
     before = good.detach().clone()
-    with pytest.raises(TypeError, match=rf"{key} must be a real number \(param group 1\)"):
+    with pytest.raises(TypeError, match=rf"{key} must be a (real number|pair of real numbers) \(param group 1\)"):
         opt.step()
     assert_bits_equal(good, before, "param of group 0")
     assert not opt.state, "state created before the check failed"
@@ -370,12 +433,13 @@ def test_fallback_without_a_compiler_is_torchs_step(rule, tmp_path):
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
-def test_the_rules_sqrt_is_torchs():
+@pytest.mark.parametrize("name", ["nadam", "rmsprop", "adadelta"])
+def test_the_rules_sqrt_is_torchs(name):
     """torch's float sqrt is MKL's (not correctly rounded) where torch has MKL: the rules compute
     the same bits (rules.h, rp_torch_sqrt), at every length and start, specials included."""
     from roundpipe import _build
-    kernel = _build.load_kernel("nadam")
-    how, _ = _for_loop._torch_sqrt(kernel, "nadam")
+    kernel = _build.load_kernel(name)
+    how, _ = _for_loop._torch_sqrt(kernel, name)
     x = torch.cat([_for_loop._sqrt_probe(), torch.rand(50_000) * 1e3, torch.rand(1000) * 1e-38])
     if not torch.equal(x.sqrt().view(torch.int32), torch.sqrt(x.double()).float().view(torch.int32)):
         assert how != _for_loop._SQRT_IEEE, "torch's sqrt is not IEEE here, and the rules did not find MKL's"
@@ -383,21 +447,32 @@ def test_the_rules_sqrt_is_torchs():
     ref = x.sqrt()
     for start, n in [(0, x.numel()), (3, 1), (5, 17), (100, 1000), (7, 15)]:
         out = torch.zeros(n)
-        h = ffi.new("rp_nadam_hyper *")
-        _for_loop.fill_torch_sqrt(h, kernel, "nadam")
-        kernel.lib.rp_nadam_torch_sqrt(h.sqrt_how, h.vml_sqrt, ffi.cast("float *", x[start:].data_ptr()),
+        h = ffi.new(f"rp_{name}_hyper *")
+        _for_loop.fill_torch_sqrt(h, kernel, name)
+        getattr(kernel.lib, f"rp_{name}_torch_sqrt")(h.sqrt_how, h.vml_sqrt, ffi.cast("float *", x[start:].data_ptr()),
                                       ffi.cast("float *", out.data_ptr()), n)
         assert_bits_equal(out, ref[start:start + n], f"sqrt of [{start}, {start + n})")
 
 
+# each rule's element loops: the functions every flag variant is inlined into
+LOOPS = {"nadam": ("nadam_block(",), "asgd": ("asgd_elements(",), "rmsprop": ("rmsprop_pre(", "rmsprop_post("),
+         "adadelta": ("adadelta_pre(", "adadelta_post("), "rprop": ("rprop_elements(",)}
+
+
 def test_element_loops_are_vectorized(tmp_path):
+    """GCC's report with the builder's own flags: every loop of each rule's element functions."""
+    import subprocess
+
     from test_vectorization import _report, _vectorized, loop_lines
 
     from roundpipe import _build
     cc = _build.find_compiler()
-    for name in ("nadam", "asgd"):
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    if "gcc" not in version.lower() and "Free Software Foundation" not in version:
+        pytest.skip("the vectorization report format checked here is GCC's")
+    for name, functions in LOOPS.items():
         source = _build.KERNEL_DIR / f"{name}.c"
         done = _vectorized(_report(cc, source, tmp_path), f"{name}.c")
-        marker = "void nadam_block(" if name == "nadam" else "void asgd_elements("
-        lines = loop_lines(source.read_text(), marker)
-        assert lines and not [n for n in lines if n not in done], f"{name}.c: loops {lines}, vectorized {sorted(done)}"
+        for fn in functions:
+            lines = loop_lines(source.read_text(), f"void {fn}")
+            assert lines and set(lines) <= done, f"{name}.c {fn}: loops at {lines}, vectorized {sorted(done)}"
