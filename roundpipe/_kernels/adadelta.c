@@ -130,7 +130,7 @@ int rp_adadelta_step(const rp_run_opts *run, const rp_adadelta_hyper *h, rp_tens
     ctx.k.neg_lr = (float)(-h->lr);
     ctx.flags = (h->weight_decay != 0.0 ? ADA_DECAY : 0) | (h->maximize ? ADA_MAXIMIZE : 0);
     ctx.unscale = run->grad_scale != NULL;
-    ctx.inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
+    ctx.inv_scale = rp_inv_scale(run->grad_scale);
     ctx.vml_sqrt = h->vml_sqrt;
     ctx.sqrt_how = h->sqrt_how;
     ctx.torch_vec = run->torch_vec;

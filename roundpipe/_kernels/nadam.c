@@ -168,7 +168,7 @@ int rp_nadam_step(const rp_run_opts *run, const rp_nadam_hyper *h, rp_tensor *te
     ctx.torch_vec = run->torch_vec;
     k->vml_sqrt = h->vml_sqrt;
     k->sqrt_how = h->sqrt_how;
-    k->inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
+    k->inv_scale = rp_inv_scale(run->grad_scale);
     rp_run(run, tensors, n_tensors, chunks, n_chunks, nadam_chunk, &ctx);
     return 1;
 }

@@ -167,7 +167,7 @@ int rp_rmsprop_step(const rp_run_opts *run, const rp_rmsprop_hyper *h, rp_tensor
               | (h->weight_decay != 0.0 ? RMS_DECAY : 0) | (h->maximize ? RMS_MAXIMIZE : 0);
     ctx.n_state = 1 + (h->momentum > 0.0) + (h->centered != 0);
     ctx.unscale = run->grad_scale != NULL;
-    ctx.inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
+    ctx.inv_scale = rp_inv_scale(run->grad_scale);
     ctx.vml_sqrt = h->vml_sqrt;
     ctx.sqrt_how = h->sqrt_how;
     ctx.torch_vec = run->torch_vec;

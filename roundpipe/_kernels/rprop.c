@@ -116,7 +116,7 @@ int rp_rprop_step(const rp_run_opts *run, const rp_rprop_hyper *h, rp_tensor *te
     ctx.k.nan_bound = isnan(h->step_size_min) || isnan(h->step_size_max);
     ctx.maximize = h->maximize != 0;
     ctx.unscale = run->grad_scale != NULL;
-    ctx.inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
+    ctx.inv_scale = rp_inv_scale(run->grad_scale);
     ctx.torch_vec = run->torch_vec;
     rp_run(run, tensors, n_tensors, chunks, n_chunks, rprop_chunk, &ctx);
     return 1;

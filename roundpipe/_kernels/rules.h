@@ -211,6 +211,13 @@ static inline __attribute__((always_inline)) float rp_loop_grad(float *g, int64_
     return rp_torch_neg(gi, neg);
 }
 
+/* GradScaler's 1 / scale as its unscale_ hands it to a for-loop optimizer's grads:
+   the reciprocal in double, rounded to float (1 when there is no scale). */
+static inline float rp_inv_scale(const float *grad_scale)
+{
+    return grad_scale ? (float)(1.0 / (double)*grad_scale) : 1.0f;
+}
+
 /* torch's g.add(p, alpha=wd): one rounding, and p's NaN before g's. */
 static inline __attribute__((always_inline)) float rp_coupled_decay(float g, float p, float wd)
 {
