@@ -60,7 +60,10 @@ static inline __attribute__((always_inline)) void adadelta_post(
     const adadelta_consts c = *k;
     for (int64_t i = 0; i < n; i++) {
         const float q = rp_nan_from(x[n + i], x[n + i] / x[i]);      /* .div_(std) */
-        const float d = rp_nan_from(gd[i], q * gd[i]);               /* .mul_(grad) */
+        /* .mul_(grad): the grad's NaN where both are NaN. Known gap: with eps = 0, rho = 1 and
+           maximize, a 0/0 delta meeting a NaN grad can take delta's NaN in torch (its scalar
+           tail?), 4 of 96 scripts/loop_rules_harness.py combinations, one element each */
+        const float d = rp_nan_from(gd[i], q * gd[i]);
         acc[i] = rp_sq_avg(acc[i], d, c.rho, c.one_minus_rho);         /* acc_delta */
         if (cplx) dl[i] = d;                                          /* a complex add, below */
         else p[i] = rp_nan_from(d, fmaf(c.neg_lr, d, p[i]));        /* param.add_(delta, alpha=-lr) */
