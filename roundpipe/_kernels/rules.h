@@ -1,4 +1,5 @@
-/* Shared by the update rules sgd.c, adagrad.c and lion.c: where torch's
+/* Shared by the update rules (sgd.c, adagrad.c, lion.c, and the for-loop rules nadam.c, asgd.c,
+ * rmsprop.c, adadelta.c, rprop.c): where torch's
  * rounding changes along a tensor.
  *
  * torch's fused CPU kernels run an explicit Vectorized<float> loop over the
