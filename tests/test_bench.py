@@ -282,7 +282,7 @@ def test_registry_entry_builds_every_competitor(spec):
         p.grad = torch.randn(4, 3)
         make([p]).step()
         assert torch.isfinite(p).all(), name
-    assert spec.bytes_per_elem == spec.probe.bytes_per_elem in (16, 20, 28)
+    assert spec.bytes_per_elem == spec.probe.bytes_per_elem in (16, 20, 24, 28)
 
 
 def test_an_optimizer_this_roundpipe_lacks_is_a_row_not_a_crash():
