@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import re
-import textwrap
 from typing import Any, NamedTuple
 
 import pytest
 import torch
 
-from conftest import assert_bits_equal, randn_grads, run_python, train_twins
+from conftest import assert_bits_equal, randn_grads, train_twins
+from loop_rules_common import assert_loops_vectorized, run_without_a_compiler
 
 import roundpipe.optim as rpo
 from roundpipe.optim import _for_loop
@@ -339,14 +339,7 @@ def test_foreach_is_ignored_with_a_warning(rule):
 @pytest.mark.parametrize("rule", RULES)
 def test_fallback_without_a_compiler_is_torchs_step(rule, tmp_path):
     spec = SPECS[rule]
-    code = textwrap.dedent(f"""
-        import os, warnings
-        os.environ["CC"] = "/nonexistent/cc"
-        os.environ["ROUNDPIPE_CACHE_DIR"] = {str(tmp_path)!r}
-        os.environ.pop("ROUNDPIPE_REQUIRE_NATIVE", None)
-        warnings.simplefilter("ignore")
-        import torch, roundpipe.optim as rpo
-        assert not rpo.native_available()
+    run_without_a_compiler(tmp_path, f"""
         kw = {spec.kw!r}
         torch.manual_seed(0)
         init = [torch.randn(37), torch.randn(5, dtype=torch.complex64), torch.randn(40).bfloat16()]
@@ -366,8 +359,6 @@ def test_fallback_without_a_compiler_is_torchs_step(rule, tmp_path):
         assert not torch.equal(b[2], init[2]) and torch.isfinite(b[2]).all()
         print("ok")
     """)
-    res = run_python(code)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
 def test_the_rules_sqrt_is_torchs():
@@ -391,13 +382,4 @@ def test_the_rules_sqrt_is_torchs():
 
 
 def test_element_loops_are_vectorized(tmp_path):
-    from test_vectorization import _report, _vectorized, loop_lines
-
-    from roundpipe import _build
-    cc = _build.find_compiler()
-    for name in ("nadam", "asgd"):
-        source = _build.KERNEL_DIR / f"{name}.c"
-        done = _vectorized(_report(cc, source, tmp_path), f"{name}.c")
-        marker = "void nadam_block(" if name == "nadam" else "void asgd_elements("
-        lines = loop_lines(source.read_text(), marker)
-        assert lines and not [n for n in lines if n not in done], f"{name}.c: loops {lines}, vectorized {sorted(done)}"
+    assert_loops_vectorized(tmp_path, {"nadam": "void nadam_block(", "asgd": "void asgd_elements("})

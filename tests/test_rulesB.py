@@ -2,7 +2,7 @@
 
 One spec table (rule -> our class, torch's class, flag grid, state keys), generic tests over it.
 The exhaustive bit matrix (every flag, sizes 1..67 and large, NaN/Inf, complex, Tensor lr,
-GradScaler, 1 and 2 threads) is scripts/for_loop_harness.py; this file keeps a slice.
+GradScaler, 1 and 2 threads) is scripts/loop_rules_harness.py; this file keeps a slice.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import textwrap
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
-from conftest import Run, assert_bits_equal, assert_same_run, randn_grads, randn_params, run_python, train_twins
+from conftest import Run, assert_bits_equal, assert_same_run, randn_grads, randn_params, train_twins
+from loop_rules_common import assert_loops_vectorized, run_without_a_compiler
 
 import roundpipe.optim as rpo
 from roundpipe.optim import _engine
@@ -285,14 +285,7 @@ def test_refuses_what_torch_refuses_naming_the_param(name):
 @pytest.mark.native_optional
 @pytest.mark.parametrize("name", RULES)
 def test_fallback_without_a_compiler_is_torchs_for_loop(name, tmp_path):
-    code = textwrap.dedent(f"""
-        import os, warnings
-        os.environ["CC"] = "/nonexistent/cc"
-        os.environ["ROUNDPIPE_CACHE_DIR"] = {str(tmp_path)!r}
-        os.environ.pop("ROUNDPIPE_REQUIRE_NATIVE", None)
-        warnings.simplefilter("ignore")
-        import torch, roundpipe.optim as rpo
-        assert not rpo.native_available()
+    run_without_a_compiler(tmp_path, f"""
         gen = torch.Generator().manual_seed(0)
         for dtype in (torch.float32, torch.complex64):
             a = torch.randn(37, generator=gen, dtype=dtype).requires_grad_()
@@ -310,26 +303,7 @@ def test_fallback_without_a_compiler_is_torchs_for_loop(name, tmp_path):
         assert torch.equal(p, opt.state[p]["master_param"].to(torch.bfloat16))
         print("ok")
     """)
-    res = run_python(code)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
-@pytest.mark.parametrize(("name", "function"), [("adamax", "void adamax_elements("), ("radam", "void radam_elements(")])
-def test_element_loop_is_vectorized(name, function, tmp_path):
-    """The rule's element loop, compiled with the builder's flags, is vectorized (GCC's report)."""
-    import re
-    import subprocess
-
-    from roundpipe import _build
-
-    cc = _build.find_compiler()
-    if "Free Software Foundation" not in subprocess.run([cc, "--version"], capture_output=True, text=True).stdout:
-        pytest.skip("the vectorization report read here is GCC's")
-    source = _build.KERNEL_DIR / f"{name}.c"
-    res = subprocess.run([cc, *_build.COMPILE_FLAGS, "-fopt-info-vec-optimized", "-c", str(source),
-                          "-o", str(tmp_path / f"{name}.o")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = source.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if function in line)
-    loop = next(i + 1 for i in range(start, len(lines)) if re.search(r"\bfor \(", lines[i]))
-    assert re.search(rf"{name}\.c:{loop}:\d+: optimized: loop vectorized", res.stderr), res.stderr[-3000:]
+def test_element_loops_are_vectorized(tmp_path):
+    assert_loops_vectorized(tmp_path, {"adamax": "void adamax_elements(", "radam": "void radam_elements("})

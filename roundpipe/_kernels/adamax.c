@@ -8,7 +8,7 @@
  *   param.addcdiv_(exp_avg, exp_inf, value=-(lr / (1 - beta1**step)))
  * Six torch ops and two temporaries per tensor become one pass. Every fp32
  * result, NaN bits included, is bit-identical to torch 2.13 on one thread
- * (scripts/torch_rules_harness.py).
+ * (scripts/loop_rules_harness.py).
  *
  * Rounding, as torch's kernels do it (measured):
  *  - grad.add(param, alpha): fmaf(alpha, param, grad), one rounding; for a

@@ -12,7 +12,7 @@
  * order. Whether a step is rectified, and its Python scalars (double, glibc's
  * pow as Python's ** uses), are decided per tensor before the pass, as torch
  * decides them per param. Bit-identical to torch 2.13, NaN bits included
- * (scripts/torch_rules_harness.py).
+ * (scripts/loop_rules_harness.py).
  *
  * Rounding, as torch's kernels do it (measured):
  *  - grad.add(param, alpha) and param.add_(x, alpha=-1): one fmaf each;
