@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import Run, assert_bits_equal, assert_same_run, randn_grads, randn_params, train_twins
 from loop_rules_common import assert_loops_vectorized, run_without_a_compiler
+from test_family import assert_16bit_is_the_fp32_step_rounded_once
 
 import roundpipe.optim as rpo
 from roundpipe.optim import _engine
@@ -167,24 +168,7 @@ def test_checkpoints_resume_both_ways_mid_training(name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_params_are_the_fp32_step_rounded_once(name, dtype):
     spec = SPECS[name]
-    gen = torch.Generator().manual_seed(6)
-    init = torch.randn(1003, generator=gen).to(dtype)
-    ref_p, p = init.float().requires_grad_(), init.clone().requires_grad_()
-    ref, opt = spec.ref([ref_p], **spec.kwargs, foreach=False), spec.ours([p], **spec.kwargs)
-    for _ in range(spec.steps):
-        g = torch.randn(1003, generator=gen).to(dtype)
-        ref_p.grad, p.grad = g.float(), g.clone()
-        ref.step()
-        opt.step()
-        with torch.no_grad():  # 16-bit storage rounds the reference's params and state
-            ref_p.copy_(ref_p.to(dtype).float())
-            for k, t in ref.state[ref_p].items():
-                if k != "step":
-                    t.copy_(t.to(dtype).float())
-    assert_bits_equal(p, ref_p.detach().to(dtype), "param")
-    for k, t in ref.state[ref_p].items():
-        assert opt.state[p][k].dtype == (torch.float32 if k == "step" else dtype), k
-        assert_bits_equal(opt.state[p][k], t.to(opt.state[p][k].dtype), k)
+    assert_16bit_is_the_fp32_step_rounded_once(spec.ref, spec.ours, spec.kwargs, FOR_LOOP, dtype, spec.steps)
 
 
 @pytest.mark.parametrize("name", RULES)
