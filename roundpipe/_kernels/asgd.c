@@ -128,7 +128,7 @@ int rp_asgd_step(const rp_run_opts *run, const rp_asgd_hyper *h, rp_tensor *tens
     k.decay = h->weight_decay != 0.0;
     k.unscale = run->grad_scale != NULL;
     k.torch_vec = run->torch_vec;
-    k.inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
+    k.inv_scale = rp_inv_scale(run->grad_scale);
     rp_run(run, tensors, n_tensors, chunks, n_chunks, asgd_chunk, &k);
     return 1;
 }

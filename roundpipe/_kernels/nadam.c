@@ -52,14 +52,14 @@ static inline __attribute__((always_inline)) void nadam_block(
     float gd[NADAM_BLOCK] __attribute__((aligned(64)));  /* the grad after maximize and decay */
     float q[NADAM_BLOCK] __attribute__((aligned(64)));   /* exp_avg_sq / bias_correction2 */
     float den[NADAM_BLOCK] __attribute__((aligned(64))); /* its sqrt */
+    const rp_lerp_weight lerp = {.w = c.w, .w_minus_1 = c.w_minus_one, .small = small_w}; /* small_w: a constant */
     for (int64_t i = 0; i < n; i++) {
         float gi = rp_loop_grad(g, i, c.unscale, c.inv_scale, neg);   /* unscale_, then -grad */
         float pi = p[i];
         if (decoupled) p[i] = pi = pi * c.decay;                        /* p.mul_(1 - lr*wd) */
         if (coupled) gi = rp_coupled_decay(gi, pi, c.weight_decay);    /* g.add(p, alpha=wd) */
-        const float mi = m[i], d = gi - mi;
-        /* lerp_(g, w): torch's vector form, fmadd(w, g - m, m) or fmadd(w - 1, g - m, g) */
-        m[i] = rp_nan_from(gi, small_w ? fmaf(c.w, d, mi) : fmaf(c.w_minus_one, d, gi));
+        /* lerp_(g, w): torch's vector form (rules.h, rp_lerp), g's NaN first */
+        m[i] = rp_nan_from(gi, rp_lerp(m[i], gi, &lerp, 0));
         float vi = v[i] * c.beta2;                                      /* mul_(beta2) */
         vi = rp_nan_from(gi, fmaf(c.one_minus_beta2 * gi, gi, vi));     /* addcmul_: (s*g) rounded, then fused */
         v[i] = vi;
@@ -168,7 +168,7 @@ int rp_nadam_step(const rp_run_opts *run, const rp_nadam_hyper *h, rp_tensor *te
     ctx.torch_vec = run->torch_vec;
     k->vml_sqrt = h->vml_sqrt;
     k->sqrt_how = h->sqrt_how;
-    k->inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
+    k->inv_scale = rp_inv_scale(run->grad_scale);
     rp_run(run, tensors, n_tensors, chunks, n_chunks, nadam_chunk, &ctx);
     return 1;
 }
