@@ -15,7 +15,8 @@ on CPU) on the same params and grads:
 * random values with zeros, denormals, huge values, and NaN/Inf in the grads;
 * several steps (ASGD's averaging starts within them where t0 is small);
 * roundpipe on 1 and 2 threads against torch at 1 thread; torch at its default thread
-  count must equal that but for NaN bits, which its parallel split can change (counted).
+  count must equal that but for NaN bits and zero signs, which its parallel split can change
+  (counted).
 
 Every float of params, grads (unscaled in place) and state is compared as raw bits, so
 NaN signs count too. ``--foreach`` also counts where torch's ``foreach=True`` differs
@@ -129,7 +130,7 @@ def train(cls: Callable[..., torch.optim.Optimizer], kw: dict[str, Any], init: l
 
 
 def compare(a: tuple, b: tuple) -> tuple[int, int, str]:
-    """(arrays that differ, of which only in NaN bits, the first difference) between two runs."""
+    """(arrays that differ, of which only in NaN bits or zero signs, the first difference) between two runs."""
     (pa, oa), (pb, ob) = a, b
     bad = nan_only = 0
     first = ""
@@ -149,7 +150,7 @@ def compare(a: tuple, b: tuple) -> tuple[int, int, str]:
             bad += 1
             fu = torch.view_as_real(u.detach()).flatten() if u.is_complex() else u.detach().flatten()
             fv = torch.view_as_real(v.detach()).flatten() if v.is_complex() else v.detach().flatten()
-            if bool((fu.isnan() & fv.isnan())[d].all()):
+            if bool(((fu.isnan() & fv.isnan()) | ((fu == 0) & (fv == 0)))[d].all()):  # NaN bits, zero signs
                 nan_only += 1
             if not first:
                 j = int(d.nonzero()[0])
@@ -186,11 +187,11 @@ def run_rule(rule: str, quick: bool, foreach: bool, stop: bool) -> tuple[int, in
                 bad, nan_only, first = compare(a, ref)
                 if bad:
                     failed = True
-                    kind = "NAN-BITS" if bad == nan_only else "MISMATCH"
+                    kind = "NAN/ZERO-BITS" if bad == nan_only else "MISMATCH"
                     print(f"{kind} {name} ({what} vs torch at 1 thread): {bad} arrays; first: {first}")
             # torch at its default thread count: its parallel split gives each piece of a large
             # tensor its own vector body and scalar tail, where Adamax's torch.maximum and the
-            # lerp of Adamax/RAdam write other NaN bits; only NaN bits may differ from 1 thread.
+            # lerp of Adamax/RAdam write other NaN bits and zero signs; only those may differ from 1 thread.
             bad, nan_only, first = compare(train(torch_cls, {**kw, "foreach": False}, init, grads, scale, None, False),
                                            ref)
             if bad and bad != nan_only:
@@ -220,7 +221,7 @@ def main() -> int:
     for rule in rules:
         ok, total, foreach_diff, torch_threads_nan = run_rule(rule, quick, foreach, stop)
         line = f"{rule}: {ok}/{total} combinations bit-identical to torch at 1 thread"
-        line += f"; torch at its default thread count differs in NaN bits in {torch_threads_nan}"
+        line += f"; torch at its default thread count differs in NaN bits or zero signs in {torch_threads_nan}"
         if foreach:
             line += f"; torch's foreach=True differs from its default in {foreach_diff} of them"
         print(line)
