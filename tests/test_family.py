@@ -201,11 +201,17 @@ REFERENCES = [
 def test_16bit_params_are_the_fp32_step_rounded_once(ref_cls, rp_cls, kw, ref_kw, dtype):
     """Each step reads 16-bit params and state, computes in fp32 and rounds once: bit for bit
     the fp32 reference step followed by rounding params and state to the 16-bit dtype."""
+    assert_16bit_is_the_fp32_step_rounded_once(ref_cls(), rp_cls, kw, ref_kw, dtype)
+
+
+def assert_16bit_is_the_fp32_step_rounded_once(ref_cls, rp_cls, kw, ref_kw, dtype, steps=3):
+    """rp_cls on a 16-bit param equals ref_cls on its fp32 copy, params and state rounded to
+    dtype after each step (also used by test_rulesB.py)."""
     gen = torch.Generator().manual_seed(6)
     init = torch.randn(1003, generator=gen).to(dtype)
     ref_p, p = init.float().requires_grad_(), init.clone().requires_grad_()
-    ref, opt = ref_cls()([ref_p], **kw, **ref_kw), rp_cls([p], **kw)
-    for _ in range(3):
+    ref, opt = ref_cls([ref_p], **kw, **ref_kw), rp_cls([p], **kw)
+    for _ in range(steps):
         g = torch.randn(1003, generator=gen).to(dtype)
         ref_p.grad, p.grad = g.float(), g.clone()
         ref.step()

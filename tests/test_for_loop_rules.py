@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import copy
 import re
-import textwrap
 from typing import Any, NamedTuple
 
 import pytest
 import torch
 
-from conftest import assert_bits_equal, randn_grads, run_python, train_twins
+from conftest import assert_bits_equal, randn_grads, train_twins
+from loop_rules_common import assert_loops_vectorized, run_without_a_compiler
 
 import roundpipe.optim as rpo
 from roundpipe.optim import _for_loop
@@ -402,14 +402,7 @@ def test_foreach_is_ignored_with_a_warning(rule):
 @pytest.mark.parametrize("rule", RULES)
 def test_fallback_without_a_compiler_is_torchs_step(rule, tmp_path):
     spec = SPECS[rule]
-    code = textwrap.dedent(f"""
-        import os, warnings
-        os.environ["CC"] = "/nonexistent/cc"
-        os.environ["ROUNDPIPE_CACHE_DIR"] = {str(tmp_path)!r}
-        os.environ.pop("ROUNDPIPE_REQUIRE_NATIVE", None)
-        warnings.simplefilter("ignore")
-        import torch, roundpipe.optim as rpo
-        assert not rpo.native_available()
+    run_without_a_compiler(tmp_path, f"""
         kw = {spec.kw!r}
         torch.manual_seed(0)
         init = [torch.randn(37), torch.randn(5, dtype=torch.complex64), torch.randn(40).bfloat16()]
@@ -429,8 +422,6 @@ def test_fallback_without_a_compiler_is_torchs_step(rule, tmp_path):
         assert not torch.equal(b[2], init[2]) and torch.isfinite(b[2]).all()
         print("ok")
     """)
-    res = run_python(code)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", ["nadam", "rmsprop", "adadelta"])
@@ -461,18 +452,6 @@ LOOPS = {"nadam": ("nadam_block(",), "asgd": ("asgd_elements(",), "rmsprop": ("r
 
 def test_element_loops_are_vectorized(tmp_path):
     """GCC's report with the builder's own flags: every loop of each rule's element functions."""
-    import subprocess
-
-    from test_vectorization import _report, _vectorized, loop_lines
-
-    from roundpipe import _build
-    cc = _build.find_compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    if "gcc" not in version.lower() and "Free Software Foundation" not in version:
-        pytest.skip("the vectorization report format checked here is GCC's")
     for name, functions in LOOPS.items():
-        source = _build.KERNEL_DIR / f"{name}.c"
-        done = _vectorized(_report(cc, source, tmp_path), f"{name}.c")
         for fn in functions:
-            lines = loop_lines(source.read_text(), f"void {fn}")
-            assert lines and set(lines) <= done, f"{name}.c {fn}: loops at {lines}, vectorized {sorted(done)}"
+            assert_loops_vectorized(tmp_path, {name: f"void {fn}"})

@@ -52,14 +52,14 @@ static inline __attribute__((always_inline)) void nadam_block(
     float gd[NADAM_BLOCK] __attribute__((aligned(64)));  /* the grad after maximize and decay */
     float q[NADAM_BLOCK] __attribute__((aligned(64)));   /* exp_avg_sq / bias_correction2 */
     float den[NADAM_BLOCK] __attribute__((aligned(64))); /* its sqrt */
+    const rp_lerp_weight lerp = {.w = c.w, .w_minus_1 = c.w_minus_one, .small = small_w}; /* small_w: a constant */
     for (int64_t i = 0; i < n; i++) {
         float gi = rp_loop_grad(g, i, c.unscale, c.inv_scale, neg);   /* unscale_, then -grad */
         float pi = p[i];
         if (decoupled) p[i] = pi = pi * c.decay;                        /* p.mul_(1 - lr*wd) */
         if (coupled) gi = rp_coupled_decay(gi, pi, c.weight_decay);    /* g.add(p, alpha=wd) */
-        const float mi = m[i], d = gi - mi;
-        /* lerp_(g, w): torch's vector form, fmadd(w, g - m, m) or fmadd(w - 1, g - m, g) */
-        m[i] = rp_nan_from(gi, small_w ? fmaf(c.w, d, mi) : fmaf(c.w_minus_one, d, gi));
+        /* lerp_(g, w): torch's vector form (rules.h, rp_lerp), g's NaN first */
+        m[i] = rp_nan_from(gi, rp_lerp(m[i], gi, &lerp, 0));
         float vi = v[i] * c.beta2;                                      /* mul_(beta2) */
         vi = rp_nan_from(gi, fmaf(c.one_minus_beta2 * gi, gi, vi));     /* addcmul_: (s*g) rounded, then fused */
         v[i] = vi;

@@ -225,6 +225,41 @@ static inline __attribute__((always_inline)) float rp_coupled_decay(float g, flo
     return rp_nan_from(p, fmaf(p, wd, g));
 }
 
+/* ---- Adamax, RAdam (the AdamFamily rules, roundpipe/optim/_for_loop.py) ---------------- */
+
+/* exp_avg.lerp_(grad, w) with a Python-float weight (torch's LerpKernel.cpp, float):
+   its vector loop computes fma(coeff, end - self, base) with coeff = w, base = self
+   when |w| < 0.5, else coeff = w - 1, base = end; its scalar tail (Lerp.h, contracted
+   by torch's build) self + w*(end - self), or end - (end - self)*(1 - w): the same
+   value, but -(end - self) flips a NaN's sign. The three weights are rounded to float
+   once, as torch's opmath_t weight. (NAdam's lerp, nadam.c, picks its NaNs with
+   rp_nan_from and takes no tail form.) */
+typedef struct {
+    float w, w_minus_1, one_minus_w;
+    int small;              /* |w| < 0.5: lerp from self */
+} rp_lerp_weight;
+
+static inline void rp_lerp_weight_init(rp_lerp_weight *l, double weight)
+{
+    l->w = (float)weight;
+    l->small = fabsf(l->w) < 0.5f;
+    l->w_minus_1 = l->w - 1.0f;
+    l->one_minus_w = 1.0f - l->w;
+}
+
+/* self.lerp_(end, w) for one element; tail: the element is in torch's scalar tail loop. */
+static inline __attribute__((always_inline)) float rp_lerp(float self, float end, const rp_lerp_weight *l,
+                                                           const int tail)
+{
+    const float d = end - self;
+    if (l->small) return fmaf(l->w, d, self);
+    return tail ? fmaf(-d, l->one_minus_w, end) : fmaf(l->w_minus_1, d, end);
+}
+
+/* The rp_tensor.scalar slot that holds 1 for a complex param's real view, 0 otherwise:
+   set when the plan is built (ForLoopRule._fill_tensor), never by a step. */
+enum { RP_SCALAR_COMPLEX = 3 };
+
 /* With maximize, how many of the n elements from `first` on negate as torch's
    complex vector body does (RP_NEG_SUB); the rest flip their sign. 0 for a
    real tensor. numel, tail_start: the tensor's, in floats (rp_regions). */

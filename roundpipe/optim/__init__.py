@@ -1,5 +1,5 @@
 """CPU-optimized optimizers, drop-in replacements for torch.optim: Adam, AdamW, SGD, Adagrad, Adafactor,
-NAdam, ASGD, RMSprop, Adadelta, Rprop and Lion; Adam8bit and AdamW8bit keep block-wise 8-bit moments.
+NAdam, RAdam, Adamax, ASGD, RMSprop, Adadelta, Rprop and Lion; Adam8bit and AdamW8bit keep block-wise 8-bit moments.
 
 Each optimizer's C kernel is compiled for this host the first time that optimizer is built
 (once per host, then cached), or all of them by ``python -m roundpipe build``; see
@@ -13,9 +13,11 @@ from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adam8bit import Adam8bit, AdamW8bit
+from .adamax import Adamax
 from .asgd import ASGD
 from .lion import Lion
 from .nadam import NAdam
+from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
 from .sgd import SGD
@@ -25,5 +27,5 @@ from .sgd import SGD
 if _build._env_flag("ROUNDPIPE_REQUIRE_NATIVE"):
     _build.load_kernel()
 
-__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "Adam8bit", "AdamW", "AdamW8bit", "FusedOptimizer", "Lion",
-           "NAdam", "RMSprop", "Rprop", "SGD", "native_available"]
+__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "Adam8bit", "Adamax", "AdamW", "AdamW8bit",
+           "FusedOptimizer", "Lion", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD", "native_available"]

@@ -203,3 +203,62 @@ class ForLoopRule(FusedOptimizer):
         step(params, grads, *states, *scalars)
         for dst, src in back:
             dst.copy_(src)
+
+
+# ---- Adamax, RAdam: the rules with Adam's hyperparameters and two moments -----------------
+
+
+def check_adam_family(group: dict[str, Any], where: str) -> None:
+    """The checks torch's Adamax and RAdam constructors make (lr >= 0, betas in [0, 1),
+    eps and weight_decay >= 0), each hyperparameter's type first (TypeError naming it and the group)."""
+    check_number(group, "lr", where, tensor_ok=True)
+    check_lr(group["lr"], where)
+    for key, what in (("eps", "epsilon value"), ("weight_decay", "weight_decay value")):
+        if not 0.0 <= check_number(group, key, where):
+            raise ValueError(f"Invalid {what}: {group[key]}{where}")
+    check_betas(group, where)
+
+
+class AdamFamily(ForLoopRule):
+    """What Adamax and RAdam add to ForLoopRule: Adam's hyperparameters (lr, betas, eps,
+    weight_decay, maximize) and checks, torch's state layout (a 0-dim float32 ``step`` and two
+    moments, zeros of the param's shape), and the fallback through torch's for-loop function,
+    which takes a complex param as complex (it negates and decays the grad before view_as_real).
+    A subclass names its moments, its torch function and the extra group options it takes."""
+
+    _MOMENTS: ClassVar[tuple[str, str]]  # the state keys besides step, in rp_tensor.state order
+    _TORCH_OPTIONS: ClassVar[tuple[str, ...]] = ()  # group options its torch function takes besides Adam's
+    _torch_step: ClassVar[Callable[..., None]]  # torch's _single_tensor_<rule>
+
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        check_adam_family(group, where)
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._MOMENTS
+
+    def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+        zeros = {k: torch.zeros_like(p, dtype=dtypes[k], memory_format=torch.contiguous_format) for k in self._MOMENTS}
+        return {"step": torch.tensor(0.0, dtype=torch.float32), **zeros}
+
+    def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
+        self._fill_loop_hyper(h, group)
+        h.beta1, h.beta2 = group["betas"]
+        h.eps = group["eps"]
+        h.weight_decay = group["weight_decay"]
+
+    def _fallback_step(self, plan: _GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """torch's own for-loop step on the fp32 working set, complex params as complex."""
+        group = plan.group
+        cplx = [p.is_complex() for p in plan.params]
+        beta1, beta2 = group["betas"]
+
+        def step(params: list[Tensor], grads: list[Tensor], *rest: list[Tensor]) -> None:
+            *moments, steps = rest
+            params, grads, *moments = [[torch.view_as_complex(t) if c else t for t, c in zip(ts, cplx, strict=True)]
+                                       for ts in (params, grads, *moments)]
+            type(self)._torch_step(
+                params, grads, *moments, steps, beta1=beta1, beta2=beta2, lr=group["lr"], eps=group["eps"],
+                weight_decay=group["weight_decay"], maximize=group["maximize"], differentiable=False,
+                capturable=False, has_complex=plan.has_complex, **{k: group[k] for k in self._TORCH_OPTIONS})
+
+        self._loop_fallback(plan, grad_scale, self._MOMENTS, ("step",), step)
