@@ -26,7 +26,8 @@ from roundpipe.bench import progress, workloads
 from roundpipe.bench.cli import apply_presets, build_parser, select_workloads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(roundpipe.__file__)))
-BENCH_SCRIPT = os.path.join(ROOT, "scripts", "bench.py")
+# the checkout's caller of the package (the package itself may be installed elsewhere, as in CI)
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench.py")
 
 
 def bench_env(*extra_path: str) -> dict[str, str]:
