@@ -60,10 +60,6 @@ def test_element_loops_are_vectorized(tmp_path):
         "probe4": (loop_lines(engine, "static void probe4("), _vectorized(engine_report, "engine.c")),
         "probe3": (loop_lines(engine, "static void probe3("), _vectorized(engine_report, "engine.c")),
         "probe_copy": (loop_lines(engine, "static void probe_copy("), _vectorized(engine_report, "engine.c")),
-        "probe_scale_add": (loop_lines(engine, "static void probe_scale_add("),
-                            _vectorized(engine_report, "engine.c")),
-        # the lanes loop (its inner loop of 16 is unrolled into the outer one, reported there)
-        "probe_sum": (loop_lines(engine, "static float probe_sum(")[:1], _vectorized(engine_report, "engine.c")),
     }
     # adam_elements is inlined into one loop per variant (dtypes x amsgrad x unscale): every
     # variant must be vectorized, not just one. GCC reports each vectorized copy on the loop's line.

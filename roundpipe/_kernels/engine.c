@@ -259,21 +259,6 @@ void rp_roofline_probe3(float *a, const float *b, float *c, int64_t n, int32_t n
     probe_run(a, b, c, NULL, n, num_threads);
 }
 
-/* The reduction pass of rp_roofline_probe16's two-pass pattern: the sum of
-   b[0..n), in 16 independent lanes so that -O3 vectorizes it without
-   reassociating a float sum (which it may not do without -ffast-math). */
-static float probe_sum(const float *restrict b, int64_t n)
-{
-    float lane[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) lane[j] += b[i + j];
-    float s = 0.0f;
-    for (; i < n; i++) s += b[i];
-    for (int j = 0; j < 16; j++) s += lane[j];
-    return s;
-}
-
 /* ASGD's pattern: a and b read, a and c written, c never read. */
 static void probe_copy(float *restrict a, const float *restrict b, float *restrict c, int64_t n)
 {
@@ -284,46 +269,18 @@ static void probe_copy(float *restrict a, const float *restrict b, float *restri
     }
 }
 
-/* The update pass after the reduction: a read and written, b read again. */
-static void probe_scale_add(float *restrict a, const float *restrict b, float r, int64_t n)
-{
-    for (int64_t i = 0; i < n; i++) a[i] += b[i] * r;
-}
-
 void rp_roofline_probe16(float *a, const float *b, float *c, int64_t n, int32_t num_threads)
 {
     const int64_t n_chunks = (n + RP_PROBE_CHUNK - 1) / RP_PROBE_CHUNK;
     if (num_threads < 1 || rp_forked_child_flag || n_chunks < 2) num_threads = 1;
-    float total = 0.0f;
-    int64_t next_sum = 0, next_update = 0;
-    /* Chunks handed out from shared counters as in probe_run, one counter per
-       pass; the barrier makes every thread's share of the sum visible to all
-       before the update pass reads it (as a rule's reduction must finish before
-       its update starts). */
+    int64_t next = 0;
+    /* Chunks handed out from a shared counter, as in probe_run. */
 #pragma omp parallel num_threads(num_threads)
-    {
-        if (c == NULL) {
-            float mine = 0.0f;
-            for (;;) {
-                const int64_t k = __atomic_fetch_add(&next_sum, 1, __ATOMIC_RELAXED);
-                if (k >= n_chunks) break;
-                const int64_t b0 = k * RP_PROBE_CHUNK;
-                mine += probe_sum(b + b0, n - b0 < RP_PROBE_CHUNK ? n - b0 : RP_PROBE_CHUNK);
-            }
-#pragma omp atomic
-            total += mine;
-#pragma omp barrier
-        }
-        /* b holds positive values in the bench, so total > 0; r keeps a from growing fast */
-        const float r = total > 0.0f ? 1.0f / total : 0.0f;
-        for (;;) {
-            const int64_t k = __atomic_fetch_add(&next_update, 1, __ATOMIC_RELAXED);
-            if (k >= n_chunks) break;
-            const int64_t b0 = k * RP_PROBE_CHUNK;
-            const int64_t len = n - b0 < RP_PROBE_CHUNK ? n - b0 : RP_PROBE_CHUNK;
-            if (c) probe_copy(a + b0, b + b0, c + b0, len);
-            else probe_scale_add(a + b0, b + b0, r, len);
-        }
+    for (;;) {
+        const int64_t k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+        if (k >= n_chunks) break;
+        const int64_t b0 = k * RP_PROBE_CHUNK;
+        probe_copy(a + b0, b + b0, c + b0, n - b0 < RP_PROBE_CHUNK ? n - b0 : RP_PROBE_CHUNK);
     }
 }
 

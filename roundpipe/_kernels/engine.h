@@ -107,12 +107,8 @@ void rp_set_grads(rp_tensor *tensors, const uintptr_t *ptrs, int64_t n);
 void rp_roofline_probe(float *a, const float *b, float *c, float *d,
                        int64_t n, int32_t num_threads);
 void rp_roofline_probe3(float *a, const float *b, float *c, int64_t n, int32_t num_threads);
-/* 16 bytes per element, in one of two patterns. c != NULL: one pass, a and b
-   read, a and c written (c is not read): ASGD before averaging starts, which
-   writes ax = param. c == NULL: two passes, a reduction over all of b, then
-   a read and written with b read again: a rule that must reduce over the
-   whole grad before it can update (Adafactor; its O(rows + cols) state is
-   left out). roundpipe/bench. */
+/* 16 bytes per element in one pass: a and b read, a and c written (c is not
+   read): ASGD before averaging starts, which writes ax = param. roundpipe/bench. */
 void rp_roofline_probe16(float *a, const float *b, float *c, int64_t n, int32_t num_threads);
 /* rp_roofline_probe_adafactor: Adafactor's three passes, a and b read, b read, a and b
    read and a written: 24 bytes per element (sums: one float per 16 Ki elements). */

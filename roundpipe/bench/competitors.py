@@ -34,9 +34,9 @@ from .timing import Entry
 class Probe:
     """A roofline probe from roundpipe's compiled kernel: an access pattern with no arithmetic.
 
-    ``arrays`` fp32 arrays of the workload's length; ``args`` says which to pass
-    to ``function`` (an index, or None for NULL). Array 1 is only read and holds
-    1e-3, the others start at 0: no denormals and no overflow in any run's length.
+    ``arrays`` fp32 arrays of the workload's length, passed to ``function`` in order,
+    then the length and the thread count. Array 1 is only read and holds 1e-3, the
+    others start at 0: no denormals and no overflow in any run's length.
     """
 
     bytes_per_elem: int
@@ -44,18 +44,11 @@ class Probe:
     arrays: int
     pattern: str  # what it reads and writes, for the docs and --help
 
-    def args(self, ptrs: list[Any], ffi: Any) -> list[Any]:
-        if self.function == "rp_roofline_probe16" and self.arrays == 2:
-            return [ptrs[0], ptrs[1], ffi.NULL]  # the two-pass (reduction) pattern
-        return ptrs
-
 
 PROBE_28 = Probe(28, "rp_roofline_probe", 4, "4 arrays read, 3 written (fp32 Adam: p, g, m, v)")
 PROBE_20 = Probe(20, "rp_roofline_probe3", 3, "3 arrays read, 2 written (SGD momentum: p, g, buf)")
 PROBE_16_WRITE = Probe(16, "rp_roofline_probe16", 3,
                        "2 arrays read, 2 written, one of them never read (ASGD before averaging: p, g; ax = p)")
-PROBE_16_REDUCE = Probe(16, "rp_roofline_probe16", 2,
-                        "a reduction pass over g, then p read and written and g read again")
 # Adafactor's three passes (adafactor.c): p and g read (norms, row and column sums), g read
 # (the update's norm, which needs the finished factors), then p and g read and p written.
 PROBE_24_ADAFACTOR = Probe(24, "rp_roofline_probe_adafactor", 3,
@@ -81,7 +74,7 @@ class RooflineProbe:
             return
         self.fn = getattr(k.lib, probe.function)
         self.arrays = [torch.zeros(n), torch.full((n,), 1e-3)] + [torch.zeros(n) for _ in range(probe.arrays - 2)]
-        self.ptrs = probe.args([k.ffi.cast("float *", t.data_ptr()) for t in self.arrays], k.ffi)
+        self.ptrs = [k.ffi.cast("float *", t.data_ptr()) for t in self.arrays]
 
     @property
     def available(self) -> bool:
