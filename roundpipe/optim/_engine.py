@@ -47,7 +47,7 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, cast, overload
 
 import torch
@@ -361,12 +361,8 @@ class FusedOptimizer(Optimizer):
         """
         with self._step_lock:
             super().load_state_dict(state_dict)
-            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-            pairs = ((g, p) for g in self.param_groups for p in g["params"])
-            for pid, (group, p) in zip(saved_ids, pairs, strict=True):
-                saved = state_dict["state"].get(pid)
-                st = self.state.get(p)
-                if not saved or not st or p.dtype not in self._PARAM_DTYPES:
+            for group, p, saved, st in self._loaded_states(state_dict):
+                if p.dtype not in self._PARAM_DTYPES:
                     continue
                 _, dtypes = self._layout(group, p)
                 for key, dtype in {**dtypes, "master_param": torch.float32}.items():
@@ -383,6 +379,17 @@ class FusedOptimizer(Optimizer):
             self._plans.clear()
 
     # ---- step ------------------------------------------------------------------------
+
+    def _loaded_states(self, state_dict: dict[str, Any]) -> Iterator[tuple[dict[str, Any], Tensor, dict, dict]]:
+        """(group, param, its saved state, its loaded state) for each param that has both, after
+        torch's load_state_dict: the saved checkpoint's ids paired with the params in order."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        pairs = ((g, p) for g in self.param_groups for p in g["params"])
+        for pid, (group, p) in zip(saved_ids, pairs, strict=True):
+            saved = state_dict["state"].get(pid)
+            st = self.state.get(p)
+            if saved and st:
+                yield group, p, saved, st
 
     @overload
     def step(self, closure: None = None, *, grad_scale: Tensor | None = None,

@@ -291,13 +291,7 @@ class Adam8bit(FusedOptimizer):
         """
         with self._step_lock:
             super().load_state_dict(state_dict)
-            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-            pairs = ((g, p) for g in self.param_groups for p in g["params"])
-            for pid, (group, p) in zip(saved_ids, pairs, strict=True):
-                saved = state_dict["state"].get(pid)
-                st = self.state.get(p)
-                if not saved or not st:
-                    continue
+            for group, p, saved, st in self._loaded_states(state_dict):
                 block = group["block_size"]
                 eight = self._eight_bit(p, group)
                 if eight and all(k in saved for k in FP32_KEYS) and not any(k in saved for k in CODE_KEYS):
