@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "runner.h" /* RP_BLOCK */
+
 enum { RP_VEC = 0, RP_TAILVEC = 1, RP_SCALAR = 2 };
 
 /* Split the span [first, first+n) of a tensor of numel elements into its
@@ -129,10 +131,16 @@ static inline void rp_mkl_sqrt_avx2(const void *vml, int64_t n, const float *res
                                     const int fused)
 {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const int special = rp_mkl_sqrt8(a + i, r + i, fused);
-        for (int j = 0; special && j < 8; j++) /* rare but for zeros: MKL's own path */
-            if (special >> j & 1) ((rp_vml_fn)vml)(1, a + i + j, r + i + j, RP_VML_TORCH_MODE);
+    int special = 0;
+    /* One tight loop first, and MKL's own path for the rare special lanes after it: a
+       call inside this loop made GCC keep its counters on the stack (store-to-load
+       forwarding on every iteration: ~5 cycles per 8 elements, half of RMSprop's step). */
+    for (; i + 8 <= n; i += 8) special |= rp_mkl_sqrt8(a + i, r + i, fused);
+    for (int64_t j = 0; special && j < i; j++) { /* rare but for zeros */
+        uint32_t u;
+        memcpy(&u, &a[j], 4);
+        if ((int32_t)(u + 0x7f800000u) > (int32_t)0xfeffffffu) /* rp_mkl_sqrt8's test */
+            ((rp_vml_fn)vml)(1, a + j, r + j, RP_VML_TORCH_MODE);
     }
     for (; i < n; i++) { /* fewer than 8 left: one at a time, through a padded copy */
         float in[8] = {1, 1, 1, 1, 1, 1, 1, 1}, out[8];
@@ -172,6 +180,80 @@ static inline void rp_torch_sqrt(const void *vml, int how, int64_t n, const floa
     }
     for (int64_t i = 0; i < n; i++) r[i] = sqrtf(a[i]);
 }
+
+/* ---- fused 16-lane loops over torch's sqrt (RMSprop, Adadelta) -----------------------
+
+   A rule that splits a block into phases around rp_torch_sqrt (the MKL kernels may hand
+   a lane to vmsSqrt, a call) leaves memory idle while it computes in L1. With AVX-512
+   and an inline kernel (IEEE, Z0, L9, H8) it can instead run one loop over 16 lanes at
+   a time, loads to stores, as adam.c does: rp_vsqrt gives the lanes MKL computes on its
+   own path (zeros, denormals, Inf, NaN, negatives: `special`, only for L9 and H8), the
+   loop leaves those lanes unwritten (masked stores) and records them, and the rule redoes
+   each of them afterwards with its phased code, one element at a time (rp_redo). The
+   lanes are the same bits as rp_torch_sqrt's: the same operations in the same order. */
+#ifdef __AVX512F__
+static inline int rp_vsqrt_inline(int how, const void *vml)
+{
+    return how == RP_SQRT_IEEE || how == RP_SQRT_MKL_Z0 || ((how == RP_SQRT_MKL_L9 || how == RP_SQRT_MKL_H8) && vml);
+}
+
+/* torch's sqrt of 16 lanes, `how` fixed per call site; *special: the lanes to redo. */
+static inline __attribute__((always_inline)) __m512 rp_vsqrt(__m512 x, int how, __mmask16 *special)
+{
+    if (how == RP_SQRT_IEEE) { *special = 0; return _mm512_sqrt_ps(x); }
+    if (how == RP_SQRT_MKL_Z0) { *special = 0; return rp_mkl_sqrt16(x); }
+    /* rp_mkl_sqrt8 on both halves: the 12-bit vrsqrtps estimate exists for 8 lanes only */
+    const __m512i t = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x7f800000));
+    *special = _mm512_cmpgt_epi32_mask(t, _mm512_set1_epi32((int)0xfeffffff));
+    const __m256 ylo = _mm256_rsqrt_ps(_mm512_castps512_ps256(x));
+    const __m256 yhi = _mm256_rsqrt_ps(_mm512_extractf32x8_ps(x, 1));
+    const __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(ylo), yhi, 1);
+    const __m512 half = _mm512_set1_ps(0.5f);
+    const __m512 s = _mm512_mul_ps(y, x), h = _mm512_mul_ps(y, half);
+    if (how == RP_SQRT_MKL_L9) {
+        const __m512 e = _mm512_fnmadd_ps(s, h, half);
+        const __m512 s1 = _mm512_fmadd_ps(e, s, s), h1 = _mm512_fmadd_ps(e, h, h);
+        return _mm512_fmadd_ps(h1, _mm512_fnmadd_ps(s1, s1, x), s1);
+    }
+    const __m512 e = _mm512_sub_ps(half, _mm512_mul_ps(s, h));
+    const __m512 s1 = _mm512_add_ps(_mm512_mul_ps(s, e), s), h1 = _mm512_add_ps(_mm512_mul_ps(e, h), h);
+    const __m512 rr = _mm512_sub_ps(x, _mm512_mul_ps(s1, s1));
+    return _mm512_add_ps(_mm512_mul_ps(rr, h1), s1);
+}
+
+/* The lanes a fused loop left for the phased code: 16-lane groups at offset off[i]. */
+typedef struct {
+    int64_t n;
+    int64_t off[RP_BLOCK / 16];
+    uint32_t mask[RP_BLOCK / 16];
+} rp_redo;
+
+static inline __attribute__((always_inline)) void rp_redo_add(rp_redo *r, int64_t off, __mmask16 m)
+{
+    if (__builtin_expect(m != 0, 0)) {
+        r->off[r->n] = off;
+        r->mask[r->n++] = m;
+    }
+}
+
+/* Vector forms of the helpers below, lane for lane the same bits. */
+static inline __attribute__((always_inline)) __m512 rp_vnan_from(__m512 x, __m512 r)
+{
+    return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+static inline __attribute__((always_inline)) __m512 rp_vtorch_grad(__m512 g, __m512 p, __m512 wd, const int maximize,
+                                                                   const int decay)
+{
+    if (maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32((int)0x80000000)));
+    return decay ? rp_vnan_from(p, _mm512_fmadd_ps(p, wd, g)) : g;
+}
+
+static inline __attribute__((always_inline)) __m512 rp_vsq_avg(__m512 v, __m512 g, __m512 beta, __m512 omb)
+{
+    return rp_vnan_from(g, _mm512_fmadd_ps(_mm512_mul_ps(omb, g), g, _mm512_mul_ps(v, beta)));
+}
+#endif
 
 /* r, unless x is a NaN: then x, unchanged. torch's elementwise binary ops (add,
    sub, mul, lerp, addcmul, addcdiv) return the NaN of their second tensor
