@@ -108,6 +108,60 @@ static void radam_loop(int64_t n, float *p, float *g, float *m, float *v, const 
 #undef RADAM_LOOP
 }
 
+#ifdef __AVX512F__
+/* A rectified step's MOMENTS, torch's sqrt and PARAMS in one loop over 16 lanes (rules.h:
+   fused loops) for n a multiple of 16 in torch's vector body of a real param; lanes with a
+   special exp_avg_sq are left to r, untouched (the grad's unscale_ included). */
+static inline __attribute__((always_inline)) void radam_fused(
+    int64_t n, float *restrict p, float *restrict g, float *restrict m, float *restrict v,
+    const radam_consts *k, rp_redo *r, const int unscale, const int coupled, const int decoupled, const int how)
+{
+    const __m512 w = _mm512_set1_ps(k->lerp.small ? k->lerp.w : k->lerp.w_minus_1);
+    const __m512 beta2 = _mm512_set1_ps(k->beta2), omb2 = _mm512_set1_ps(k->one_minus_beta2);
+    const __m512 eps = _mm512_set1_ps(k->eps), lr = _mm512_set1_ps(k->lr), wd = _mm512_set1_ps(k->weight_decay);
+    const __m512 decay = _mm512_set1_ps(k->decay), inv_scale = _mm512_set1_ps(k->inv_scale);
+    const __m512 neg_one = _mm512_set1_ps(k->neg_one), one = _mm512_set1_ps(k->one);
+    const __m512 bc1 = _mm512_set1_ps(k->bc1), bc2_sqrt = _mm512_set1_ps(k->bc2_sqrt), rect = _mm512_set1_ps(k->rect);
+    const int small = k->lerp.small, maximize = k->maximize;
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 pv = _mm512_loadu_ps(p + i), gi = _mm512_loadu_ps(g + i);
+        const __m512 mv = _mm512_loadu_ps(m + i), vv = _mm512_loadu_ps(v + i);
+        const __m512 gu = unscale ? _mm512_mul_ps(gi, inv_scale) : gi;
+        gi = rp_vtorch_grad(gu, pv, wd, maximize, 0);
+        if (coupled) gi = _mm512_fmadd_ps(wd, pv, gi);
+        const __m512 d = _mm512_sub_ps(gi, mv);
+        const __m512 m1 = _mm512_fmadd_ps(w, d, small ? mv : gi);                 /* rp_lerp, vector form */
+        const __m512 v1 = _mm512_fmadd_ps(_mm512_mul_ps(omb2, gi), gi, _mm512_mul_ps(vv, beta2));
+        __mmask16 special;
+        const __m512 sq = rp_vsqrt(v1, how, &special);
+        if (decoupled) pv = _mm512_mul_ps(pv, decay);
+        __m512 x = _mm512_mul_ps(_mm512_div_ps(m1, bc1), lr);
+        const __m512 adaptive = _mm512_mul_ps(_mm512_div_ps(one, _mm512_add_ps(sq, eps)), bc2_sqrt);
+        x = _mm512_mul_ps(_mm512_mul_ps(x, adaptive), rect);
+        const __mmask16 keep = (__mmask16)~special;
+        if (unscale) _mm512_mask_storeu_ps(g + i, keep, gu);
+        _mm512_mask_storeu_ps(m + i, keep, m1);
+        _mm512_mask_storeu_ps(v + i, keep, v1);
+        _mm512_mask_storeu_ps(p + i, keep, _mm512_fmadd_ps(x, neg_one, pv));
+        rp_redo_add(r, i, special);
+    }
+}
+
+static void radam_fused_any(int64_t n, float *p, float *g, float *m, float *v, const radam_consts *k, rp_redo *r,
+                            int unscale, int coupled, int decoupled)
+{
+#define RADAM_HOW(U, C, D, H) case H: radam_fused(n, p, g, m, v, k, r, U, C, D, H); return
+#define RADAM_F(U, C, D) do { switch (k->sqrt_how) { RADAM_HOW(U, C, D, RP_SQRT_IEEE); RADAM_HOW(U, C, D, RP_SQRT_MKL_Z0); \
+                             RADAM_HOW(U, C, D, RP_SQRT_MKL_L9); RADAM_HOW(U, C, D, RP_SQRT_MKL_H8); } return; } while (0)
+    if (unscale) { if (coupled) RADAM_F(1, 1, 0); if (decoupled) RADAM_F(1, 0, 1); RADAM_F(1, 0, 0); }
+    if (coupled) RADAM_F(0, 1, 0);
+    if (decoupled) RADAM_F(0, 0, 1);
+    RADAM_F(0, 0, 0);
+#undef RADAM_F
+#undef RADAM_HOW
+}
+#endif
+
 /* One region of a span: a rectified step goes block by block through the moments,
    torch's square root of exp_avg_sq, then the params. */
 static void radam_region(int64_t n, float *p, float *g, float *m, float *v, const radam_consts *k,
@@ -121,9 +175,26 @@ static void radam_region(int64_t n, float *p, float *g, float *m, float *v, cons
     float sq[RADAM_BLOCK] __attribute__((aligned(64)));
     for (int64_t b = 0; b < n; b += RADAM_BLOCK) {
         const int64_t len = n - b < RADAM_BLOCK ? n - b : RADAM_BLOCK;
-        radam_loop(len, p + b, g + b, m + b, v + b, NULL, k, unscale, coupled, decoupled, MOMENTS, tail, is_complex);
-        rp_torch_sqrt(k->vml_sqrt, k->sqrt_how, len, v + b, sq);                 /* exp_avg_sq.sqrt() */
-        radam_loop(len, p + b, g + b, m + b, v + b, sq, k, unscale, coupled, decoupled, PARAMS, tail, is_complex);
+        int64_t done = 0;
+#ifdef __AVX512F__
+        if (len >= 16 && !tail && !is_complex && rp_vsqrt_inline(k->sqrt_how, k->vml_sqrt)) {
+            rp_redo r;
+            r.n = 0;
+            done = len - len % 16;
+            radam_fused_any(done, p + b, g + b, m + b, v + b, k, &r, unscale, coupled, decoupled);
+            for (int64_t j = 0; j < r.n; j++) /* the lanes it left, one element each */
+                for (int64_t l = 0; l < 16; l++)
+                    if (r.mask[j] >> l & 1) {
+                        const int64_t i = b + r.off[j] + l;
+                        radam_region(1, p + i, g + i, m + i, v + i, k, unscale, coupled, decoupled, 0, 0);
+                    }
+        }
+#endif
+        if (done == len) continue;
+        float *pb = p + b + done, *gb = g + b + done, *mb = m + b + done, *vb = v + b + done;
+        radam_loop(len - done, pb, gb, mb, vb, NULL, k, unscale, coupled, decoupled, MOMENTS, tail, is_complex);
+        rp_torch_sqrt(k->vml_sqrt, k->sqrt_how, len - done, vb, sq);               /* exp_avg_sq.sqrt() */
+        radam_loop(len - done, pb, gb, mb, vb, sq, k, unscale, coupled, decoupled, PARAMS, tail, is_complex);
     }
 }
 
