@@ -76,6 +76,61 @@ static inline __attribute__((always_inline)) void nadam_block(
     }
 }
 
+#ifdef __AVX512F__
+/* nadam_block's three loops in one over 16 lanes (rules.h: fused loops), n a multiple of
+   16, a real param (neg: NONE or FLIP); lanes with a special sqrt argument are left to r,
+   untouched (the grad's unscale_ and the decoupled decay included). */
+static inline __attribute__((always_inline)) void nadam_fused(
+    int64_t n, float *restrict p, float *restrict g, float *restrict m, float *restrict v, const nadam_consts *k,
+    float c1, float c2, float bc2, rp_redo *r, const int unscale, const int flip, const int coupled,
+    const int decoupled, const int how)
+{
+    const __m512 w = _mm512_set1_ps(k->small_w ? k->w : k->w_minus_one);
+    const __m512 beta2 = _mm512_set1_ps(k->beta2), omb2 = _mm512_set1_ps(k->one_minus_beta2);
+    const __m512 eps = _mm512_set1_ps(k->eps), wd = _mm512_set1_ps(k->weight_decay);
+    const __m512 decay = _mm512_set1_ps(k->decay), inv_scale = _mm512_set1_ps(k->inv_scale);
+    const __m512 c1v = _mm512_set1_ps(c1), c2v = _mm512_set1_ps(c2), bc2v = _mm512_set1_ps(bc2);
+    const int small = k->small_w;
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 pv = _mm512_loadu_ps(p + i);
+        const __m512 g0 = _mm512_loadu_ps(g + i), mv = _mm512_loadu_ps(m + i), vv = _mm512_loadu_ps(v + i);
+        const __m512 gu = unscale ? _mm512_mul_ps(g0, inv_scale) : g0;
+        if (decoupled) pv = _mm512_mul_ps(pv, decay);
+        const __m512 gi = rp_vtorch_grad(gu, pv, wd, flip, coupled);
+        const __m512 d = _mm512_sub_ps(gi, mv);
+        const __m512 m1 = rp_vnan_from(gi, _mm512_fmadd_ps(w, d, small ? mv : gi));   /* rp_lerp, vector form */
+        const __m512 v1 = rp_vsq_avg(vv, gi, beta2, omb2);
+        __mmask16 special;
+        const __m512 di = _mm512_add_ps(rp_vsqrt(_mm512_div_ps(v1, bc2v), how, &special), eps);
+        const __m512 a = _mm512_div_ps(_mm512_mul_ps(c1v, gi), di), b = _mm512_div_ps(_mm512_mul_ps(c2v, m1), di);
+        const __m512 p1 = rp_vnan_from(a, _mm512_add_ps(pv, a));
+        const __mmask16 keep = (__mmask16)~special;
+        if (unscale) _mm512_mask_storeu_ps(g + i, keep, gu);
+        _mm512_mask_storeu_ps(m + i, keep, m1);
+        _mm512_mask_storeu_ps(v + i, keep, v1);
+        _mm512_mask_storeu_ps(p + i, keep, rp_vnan_from(b, _mm512_add_ps(p1, b)));
+        rp_redo_add(r, i, special);
+    }
+}
+
+static void nadam_fused_any(int64_t n, float *p, float *g, float *m, float *v, const nadam_consts *k, float c1,
+                            float c2, float bc2, rp_redo *r, int flip)
+{
+#define NADAM_HOW(U, F, C, D, H) case H: nadam_fused(n, p, g, m, v, k, c1, c2, bc2, r, U, F, C, D, H); return
+#define NADAM_F(U, F, C, D) do { switch (k->sqrt_how) { NADAM_HOW(U, F, C, D, RP_SQRT_IEEE); \
+        NADAM_HOW(U, F, C, D, RP_SQRT_MKL_Z0); NADAM_HOW(U, F, C, D, RP_SQRT_MKL_L9); \
+        NADAM_HOW(U, F, C, D, RP_SQRT_MKL_H8); } return; } while (0)
+#define NADAM_DECAY(U, F) do { if (k->coupled) NADAM_F(U, F, 1, 0); if (k->decoupled) NADAM_F(U, F, 0, 1); \
+                               NADAM_F(U, F, 0, 0); } while (0)
+    if (k->unscale) { if (flip) NADAM_DECAY(1, 1); NADAM_DECAY(1, 0); }
+    if (flip) NADAM_DECAY(0, 1);
+    NADAM_DECAY(0, 0);
+#undef NADAM_DECAY
+#undef NADAM_F
+#undef NADAM_HOW
+}
+#endif
+
 /* n elements of one tensor (any length), all negated the same way. Loop
    unswitching is off here: GCC would copy each of the six variants below once
    per value of unscale and neg too (36 vectorized loops), which made this
@@ -86,8 +141,24 @@ __attribute__((optimize("no-unswitch-loops"))) static void nadam_span(int64_t n,
 {
     const float c1 = t->scalar[0], c2 = t->scalar[1], bc2 = t->scalar[2];
     for (int64_t b = 0; b < n; b += NADAM_BLOCK) {
-        const int64_t len = n - b < NADAM_BLOCK ? n - b : NADAM_BLOCK;
+        int64_t len = n - b < NADAM_BLOCK ? n - b : NADAM_BLOCK;
         float *pb = p + b, *gb = g + b, *mb = m + b, *vb = v + b;
+#ifdef __AVX512F__
+        if (len >= 16 && neg != RP_NEG_SUB && rp_vsqrt_inline(k->sqrt_how, k->vml_sqrt)) {
+            rp_redo r;
+            r.n = 0;
+            const int64_t done = len - len % 16;
+            nadam_fused_any(done, pb, gb, mb, vb, k, c1, c2, bc2, &r, neg == RP_NEG_FLIP);
+            for (int64_t j = 0; j < r.n; j++) /* the lanes it left, one element each */
+                for (int64_t l = 0; l < 16; l++)
+                    if (r.mask[j] >> l & 1) {
+                        const int64_t i = r.off[j] + l;
+                        nadam_span(1, pb + i, gb + i, mb + i, vb + i, k, t, neg);
+                    }
+            pb += done, gb += done, mb += done, vb += done, len -= done; /* the last len % 16: below */
+            if (len == 0) continue;
+        }
+#endif
 #define NADAM_CALL(CP, DC, SW) nadam_block(len, pb, gb, mb, vb, k, c1, c2, bc2, neg, CP, DC, SW)
         if (k->small_w) {
             if (k->coupled) NADAM_CALL(1, 0, 1); else if (k->decoupled) NADAM_CALL(0, 1, 1); else NADAM_CALL(0, 0, 1);
