@@ -184,6 +184,25 @@ static inline __attribute__((always_inline)) float rp_nan_from(float x, float r)
     return x != x ? x : r;
 }
 
+/* Where torch's a.mul_(b) (or a.mul(b)) of two contiguous float tensors of numel elements
+   returns a's NaN, not b's, when both are NaNs. Everywhere else it is b's (rp_nan_from(b, a*b)):
+   in its Vectorized loop and GCC's vector code for its scalar loop. But GCC finishes that loop
+   (basic_loop, over the last numel % 16 elements) with one 4-wide vector where numel % 8 >= 4,
+   then up to 3 scalars, and both that 4-wide step and the third scalar after a vector step
+   (numel % 4 == 3 and numel % 16 >= 4) order mul's operands the other way. So a's NaN at
+     [numel - numel % 8, numel - numel % 8 + 4) where numel % 8 >= 4, and at numel - 1 where
+     numel % 4 == 3 and numel % 16 >= 4,
+   on torch 2.13's AVX-512 and AVX2 kernels alike (ATEN_CPU_CAPABILITY=avx2), one thread, every
+   numel 1..79 and some large ones, any storage alignment. Sets [*lo, *hi) and *one to those
+   indices minus base (the tensor index of a block's element 0); *one < 0 where there is none. */
+static inline void rp_mul_self_nan(int64_t numel, int64_t base, int64_t *lo, int64_t *hi, int64_t *one)
+{
+    const int64_t b = numel - numel % 8;
+    *lo = b - base;
+    *hi = b + (numel % 8 >= 4 ? 4 : 0) - base;
+    *one = (numel % 4 == 3 && numel % 16 >= 4 ? numel - 1 : -1) - base;
+}
+
 /* torch's -g, element i of a tensor whose torch vector body ends at tail_start
    (rp_regions): a sign flip for real tensors and in a complex tensor's scalar
    tail, but 0 - g in a complex tensor's vector body (Vectorized<complex>::neg),
