@@ -96,7 +96,7 @@ static void adadelta_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float
         float *po = p + o, *go = g + o, *sq = s[0] + o, *acc = s[1] + o;
         if (ctx->unscale) rp_unscale(m, go, ctx->inv_scale);
         if (cplx && f) { /* torch's complex -grad and weight decay first */
-            rp_complex_axpy(m, gc, go, po, k->weight_decay, f & ADA_MAXIMIZE, f & ADA_DECAY, first + o, tail_start);
+            rp_complex_axpy(m, gc, go, po, k->weight_decay, f & ADA_MAXIMIZE, f & ADA_DECAY, first + o, tail_start, t->numel);
             adadelta_pre(m, po, gc, gd, sq, acc, x, k, 0);
         } else {
             switch (f) {
@@ -111,7 +111,7 @@ static void adadelta_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float
         rp_mul_self_nan(t->numel, first + o, &mul_self[0], &mul_self[1], &mul_self[2]);
         if (cplx) {
             adadelta_post(m, po, gd, y, acc, gc, k, 1, mul_self);
-            rp_complex_axpy(m, po, po, gc, k->neg_lr, 0, 1, first + o, tail_start);
+            rp_complex_axpy(m, po, po, gc, k->neg_lr, 0, 1, first + o, tail_start, t->numel);
         } else {
             adadelta_post(m, po, gd, y, acc, NULL, k, 0, mul_self);
         }
