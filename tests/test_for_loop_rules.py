@@ -125,6 +125,57 @@ def test_tensor_lr_and_a_scheduler_bit_identical(rule):
                 before_step=schedule, what=rule)
 
 
+def test_adadelta_nan_delta_meeting_a_nan_grad_takes_torchs_nan(threads):
+    """delta.mul_(grad) of two NaNs: grad's, but delta's at a few elements of torch's tail
+    (rules.h, rp_mul_self_nan). A NaN acc_delta and NaN grads of another sign put two NaNs in
+    every element's mul_, at every tail length, in a tensor of several blocks (ours at 2 threads,
+    torch at 1) and in complex params' real views."""
+    nan_a = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)  # acc_delta's
+    nan_b = torch.tensor([0xFFC00002]).to(torch.int32).view(torch.float32)  # the grads'
+
+    def grads(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        if step == 0:
+            return randn_grads()(step, params)
+        return [torch.view_as_complex(nan_b.expand(p.numel(), 2).clone()) if p.is_complex()
+                else nan_b.expand(p.shape).clone() for p in params]
+
+    def nan_acc_delta(step: int, opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        for p in params if step == 1 else ():
+            acc = opt.state[p]["acc_delta"]
+            acc = torch.view_as_real(acc) if acc.is_complex() else acc
+            acc.copy_(nan_a.expand_as(acc))
+
+    torch.set_num_threads(1)
+    train_twins(rpo.Adadelta, torch.optim.Adadelta, params=params_of(sizes=[*range(1, 33), 40_007], complex_sizes=(7, 11)),
+                grads=grads, steps=2, kwargs={"lr": 0.5}, ref_kwargs={"foreach": False}, before_step=nan_acc_delta,
+                threads=2)
+
+
+@pytest.mark.parametrize(("rule", "kw"), [("RMSprop", {"lr": 1e-2}), ("Adadelta", {"lr": 1.0}), ("Adadelta", {"lr": 0.0})])
+def test_complex_add_takes_torchs_nans_in_every_region(rule, kw, threads):
+    """torch's complex grad.add(param, alpha=wd) and Adadelta's param.add_(delta, alpha=-lr) pick
+    NaNs by region, GCC's 4-complex vectors between its vector body and scalar tail included
+    (rules.h, rp_complex_axpy): params and grads whose parts are NaNs of distinct payloads, +-inf
+    and finite, at every complex size up to 20 (lr = 0: alpha = -0, times inf)."""
+    pool = torch.tensor([0x3F800000, 0xBFC00000, 0x7F800000, 0xFF800000, 0x7FC00011, 0xFFC00022, 0x7FC00033, 0,
+                         0xFFC00044]).to(torch.int32).view(torch.float32)  # 1, -1.5, +-inf, NaNs, 0
+
+    def parts(n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.view_as_complex(pool[torch.randint(len(pool), (n, 2), generator=gen)])
+
+    def params() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        return [parts(n, gen).requires_grad_() for n in range(1, 21) for _ in range(3)]
+
+    def grads(step: int, ps: list[torch.Tensor]) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(step + 1)
+        return [parts(p.numel(), gen) for p in ps]
+
+    torch.set_num_threads(1)
+    train_twins(getattr(rpo, rule), getattr(torch.optim, rule), params=params, grads=grads, steps=1,
+                kwargs={**kw, "weight_decay": 0.05, "maximize": True}, ref_kwargs={"foreach": False}, what=rule)
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_lr_zero_steps_as_torch(rule):
     spec = SPECS[rule]

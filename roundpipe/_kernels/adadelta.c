@@ -18,10 +18,10 @@
  * torch's op rounds it, as in rmsprop.c: add with
  * alpha is one fmaf, addcmul(a, b, value=s) is fmaf(s*a, b, self), sqrt is
  * MKL's (rp_torch_sqrt), two NaNs give the one torch's op returns
- * (rp_nan_from), scalars (1 - rho, -lr) are computed in double and
- * rounded to float once. Complex params are stepped as their real view, but
- * -grad, the weight decay and the param update are complex ops in torch:
- * rp_complex_axpy (rules.h). scripts/loop_rules_harness.py checks it bit for bit.
+ * (rp_nan_from; mul_'s depends on the element: rp_mul_self_nan), scalars
+ * (1 - rho, -lr) are computed in double and rounded to float once. Complex
+ * params are stepped as their real view, but -grad, the weight decay and the
+ * param update are complex ops in torch: rp_complex_axpy (rules.h). scripts/loop_rules_harness.py checks it bit for bit.
  * Built with -ffp-contract=off, int64_t indices; no OpenMP here.
  */
 #include <math.h>
@@ -59,15 +59,17 @@ static inline __attribute__((always_inline)) void adadelta_pre(
 /* After the sqrt: delta, acc_delta, and the param (real) or delta kept in dl (complex). */
 static inline __attribute__((always_inline)) void adadelta_post(
     int64_t n, float *restrict p, const float *restrict gd, const float *restrict x, float *restrict acc,
-    float *restrict dl, const adadelta_consts *k, const int cplx)
+    float *restrict dl, const adadelta_consts *k, const int cplx, const int64_t *mul_self)
 {
     const adadelta_consts c = *k;
+    const int64_t lo = mul_self[0], hi = mul_self[1], one = mul_self[2];
     for (int64_t i = 0; i < n; i++) {
         const float q = rp_nan_from(x[n + i], x[n + i] / x[i]);      /* .div_(std) */
-        /* .mul_(grad): the grad's NaN where both are NaN. Known gap: with eps = 0, rho = 1 and
-           maximize, a 0/0 delta meeting a NaN grad can take delta's NaN in torch (its scalar
-           tail?), 4 of 96 scripts/loop_rules_harness.py combinations, one element each */
-        const float d = rp_nan_from(gd[i], q * gd[i]);
+        /* .mul_(grad): grad's NaN where both are NaNs, but delta's at the few elements near
+           the tensor's end where torch's mul_ orders its operands the other way (rp_mul_self_nan:
+           where acc_delta is NaN and square_avg + eps is 0 or NaN, a NaN delta meets a NaN grad) */
+        const int self_nan = (i >= lo && i < hi) || i == one;
+        const float d = rp_nan_from(self_nan ? q : gd[i], q * gd[i]);
         acc[i] = rp_sq_avg(acc[i], d, c.rho, c.one_minus_rho);         /* acc_delta */
         if (cplx) dl[i] = d;                                          /* a complex add, below */
         else p[i] = rp_nan_from(d, fmaf(c.neg_lr, d, p[i]));        /* param.add_(delta, alpha=-lr) */
@@ -89,7 +91,7 @@ typedef struct {
    n <= RP_BLOCK: a block's last n % 16 elements, lanes the fused loop left (n = 1), and
    every element where there is no fused loop. */
 static void adadelta_phased(int64_t n, float *p, const float *g, float *sq, float *acc, const adadelta_ctx *ctx,
-                            int f)
+                            int f, int64_t numel, int64_t first)
 {
     float gd[RP_BLOCK], x[2 * RP_BLOCK], y[2 * RP_BLOCK];
     switch (f) {
@@ -99,7 +101,9 @@ static void adadelta_phased(int64_t n, float *p, const float *g, float *sq, floa
     default: adadelta_pre(n, p, g, gd, sq, acc, x, &ctx->k, ADA_DECAY | ADA_MAXIMIZE); break;
     }
     rp_torch_sqrt(ctx->vml_sqrt, ctx->sqrt_how, 2 * n, x, y);
-    adadelta_post(n, p, gd, y, acc, NULL, &ctx->k, 0);
+    int64_t mul_self[3]; /* where delta.mul_(grad) takes delta's NaN: elements first.. of numel */
+    rp_mul_self_nan(numel, first, &mul_self[0], &mul_self[1], &mul_self[2]);
+    adadelta_post(n, p, gd, y, acc, NULL, &ctx->k, 0, mul_self);
 }
 
 #ifdef __AVX512F__
@@ -162,13 +166,15 @@ static void adadelta_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float
         if (cplx) { /* torch's complex -grad and weight decay first, and a complex param update */
             const float *gs = go;
             if (f) {
-                rp_complex_axpy(m, gc, go, po, k->weight_decay, f & ADA_MAXIMIZE, f & ADA_DECAY, first + o, tail_start);
+                rp_complex_axpy(m, gc, go, po, k->weight_decay, f & ADA_MAXIMIZE, f & ADA_DECAY, first + o, tail_start, t->numel);
                 gs = gc;
             }
             adadelta_pre(m, po, gs, gd, sq, acc, x, k, 0);
             rp_torch_sqrt(ctx->vml_sqrt, ctx->sqrt_how, 2 * m, x, y);                      /* both sqrt_() in one call */
-            adadelta_post(m, po, gd, y, acc, gc, k, 1);
-            rp_complex_axpy(m, po, po, gc, k->neg_lr, 0, 1, first + o, tail_start);
+            int64_t mul_self[3]; /* where delta.mul_(grad) takes delta's NaN, relative to this block */
+            rp_mul_self_nan(t->numel, first + o, &mul_self[0], &mul_self[1], &mul_self[2]);
+            adadelta_post(m, po, gd, y, acc, gc, k, 1, mul_self);
+            rp_complex_axpy(m, po, po, gc, k->neg_lr, 0, 1, first + o, tail_start, t->numel);
             continue;
         }
         int64_t done = 0;
@@ -182,11 +188,12 @@ static void adadelta_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float
                 for (int64_t l = 0; l < 16; l++)
                     if (r.mask[j] >> l & 1) {
                         const int64_t i = r.off[j] + l;
-                        adadelta_phased(1, po + i, go + i, sq + i, acc + i, ctx, f);
+                        adadelta_phased(1, po + i, go + i, sq + i, acc + i, ctx, f, t->numel, first + o + i);
                     }
         }
 #endif
-        if (done < m) adadelta_phased(m - done, po + done, go + done, sq + done, acc + done, ctx, f);
+        if (done < m)
+            adadelta_phased(m - done, po + done, go + done, sq + done, acc + done, ctx, f, t->numel, first + o + done);
     }
 }
 

@@ -210,7 +210,7 @@ static void rmsprop_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float 
         float *po = p + o, *go = g + o, *so = sq + o, *ga = gavg ? gavg + o : NULL, *bo = buf ? buf + o : NULL;
         if (ctx->unscale) rp_unscale(m, go, ctx->inv_scale);
         if (cplx) {
-            rp_complex_axpy(m, gc, go, po, k->weight_decay, f & RMS_MAXIMIZE, f & RMS_DECAY, first + o, tail_start);
+            rp_complex_axpy(m, gc, go, po, k->weight_decay, f & RMS_MAXIMIZE, f & RMS_DECAY, first + o, tail_start, t->numel);
             rmsprop_phased(m, po, gc, so, ga, bo, ctx, f & (RMS_CENTERED | RMS_MOMENTUM));
             continue;
         }

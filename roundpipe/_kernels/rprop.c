@@ -91,7 +91,7 @@ static void rprop_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float *p
     float gc[RP_BLOCK];
     for (int64_t o = 0; o < n; o += RP_BLOCK) {
         const int64_t m = n - o < RP_BLOCK ? n - o : RP_BLOCK;
-        rp_complex_axpy(m, gc, g + o, NULL, 0.0f, 1, 0, first + o, tail_start);
+        rp_complex_axpy(m, gc, g + o, NULL, 0.0f, 1, 0, first + o, tail_start, t->numel);
         rprop_elements(m, p + o, gc, s[0] + o, s[1] + o, &ctx->k, 0);
     }
 }

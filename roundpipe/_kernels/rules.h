@@ -266,6 +266,25 @@ static inline __attribute__((always_inline)) float rp_nan_from(float x, float r)
     return x != x ? x : r;
 }
 
+/* Where torch's a.mul_(b) (or a.mul(b)) of two contiguous float tensors of numel elements
+   returns a's NaN, not b's, when both are NaNs. Everywhere else it is b's (rp_nan_from(b, a*b)):
+   in its Vectorized loop and GCC's vector code for its scalar loop. But GCC finishes that loop
+   (basic_loop, over the last numel % 16 elements) with one 4-wide vector where numel % 8 >= 4,
+   then up to 3 scalars, and both that 4-wide step and the third scalar after a vector step
+   (numel % 4 == 3 and numel % 16 >= 4) order mul's operands the other way. So a's NaN at
+     [numel - numel % 8, numel - numel % 8 + 4) where numel % 8 >= 4, and at numel - 1 where
+     numel % 4 == 3 and numel % 16 >= 4,
+   on torch 2.13's AVX-512 and AVX2 kernels alike (ATEN_CPU_CAPABILITY=avx2), one thread, every
+   numel 1..79 and some large ones, any storage alignment. Sets [*lo, *hi) and *one to those
+   indices minus base (the tensor index of a block's element 0); *one < 0 where there is none. */
+static inline void rp_mul_self_nan(int64_t numel, int64_t base, int64_t *lo, int64_t *hi, int64_t *one)
+{
+    const int64_t b = numel - numel % 8;
+    *lo = b - base;
+    *hi = b + (numel % 8 >= 4 ? 4 : 0) - base;
+    *one = (numel % 4 == 3 && numel % 16 >= 4 ? numel - 1 : -1) - base;
+}
+
 /* torch's -g, element i of a tensor whose torch vector body ends at tail_start
    (rp_regions): a sign flip for real tensors and in a complex tensor's scalar
    tail, but 0 - g in a complex tensor's vector body (Vectorized<complex>::neg),
@@ -391,9 +410,16 @@ static inline __attribute__((always_inline)) float rp_sq_avg(float v, float g, f
    two NaNs meet, x86 returns the first operand's, made explicit below. Measured on torch
    2.13 against every combination of 0, -0, finite, +-inf and +-NaN parts in both regions
    (scripts/loop_rules_harness.py).
-   Known gap: where two NaNs meet in a complex add of a tensor whose size is not a multiple
-   of 8 (torch's complex add seems to run 4 complex a vector where its neg runs 8), the NaN's
-   sign can differ from torch's; values, and NaN positions, are torch's.
+   The add has a third region between the two, rp_regions' RP_TAILVEC: GCC's 4-complex vectors
+   in the scalar tail loop, where numel % 16 >= 8 floats. There alpha*b is a + (alpha*b) as in
+   the vector loop, but each part of alpha*b is one fused multiply-add (re = fma(alpha, b_re,
+   -(0*b_im)), im = fma(alpha, b_im, 0*b_re)): a NaN part of b comes first, then the other
+   term's NaN, before the default NaN of an alpha = +-0 times an inf part (the unfused op's).
+   Measured with distinct NaN payloads in every part, alpha -0.5, +-0, 0.05, -1, complex sizes
+   1..69 and large, on torch's AVX-512 kernels (the rules' tail_start = numel - numel % 16).
+   Known gap: torch's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) split complex -x and add at
+   numel - numel % 16 floats too, but the rules pass numel - numel % torch_vec = % 8 there, so
+   on an AVX2-only CPU the NaN and zero signs of complex sizes with numel % 16 >= 8 floats differ.
    Where torch's scalar tails are: the last numel % vec elements (rp_neg_sub_count), as
    torch on one thread or any tensor under 32768 elements; above that, on T threads,
    at::parallel_for gives each of its chunks a tail of its own, so torch's NaN and zero signs
@@ -403,28 +429,37 @@ static inline float rp_add_first(float a, float b) { return rp_nan_from(a, a + b
 static inline float rp_sub_first(float a, float b) { return rp_nan_from(a, a - b); }
 
 /* out = (neg ? -x : x), then .add(y, alpha=a) when axpy: complex64 as n floats of (re, im)
-   pairs starting at float `first` of a tensor whose torch vector body ends at float
-   tail_start. The product alpha*y with alpha = (a, +0) is re = a*y_re - 0*y_im,
+   pairs starting at float `first` of a tensor of numel floats whose torch vector body ends at
+   float tail_start. The product alpha*y with alpha = (a, +0) is re = a*y_re - 0*y_im,
    im = a*y_im + 0*y_re (the vector loop adds 0*y_re first), each rounded, then added to x:
    two roundings where the real op is one fmaf, and an inf part of y makes the other part NaN
-   (0 * inf). out may be x (in place): each pair is read before it is written. */
+   (0 * inf). In RP_TAILVEC (fused) each part is one fma, whose values are the same (the 0*y
+   term is +-0 or NaN) but whose NaN is an operand's first (above). out may be x (in place):
+   each pair is read before it is written. */
 static inline void rp_complex_axpy(int64_t n, float *out, const float *x, const float *y, float a, int neg, int axpy,
-                                   int64_t first, int64_t tail_start)
+                                   int64_t first, int64_t tail_start, int64_t numel)
 {
     const float zero = 0.0f; /* 0 * y is not folded: no -ffast-math */
+    const int64_t scalar_start = numel - numel % 8; /* rp_regions */
     for (int64_t i = 0; i + 1 < n; i += 2) {
-        const int tail = first + i >= tail_start;
+        const int tail = first + i >= tail_start, scalar = first + i >= scalar_start;
         float xr = x[i], xi = x[i + 1];
         if (neg) {
             xr = rp_torch_neg(xr, tail ? RP_NEG_FLIP : RP_NEG_SUB);
             xi = rp_torch_neg(xi, tail ? RP_NEG_FLIP : RP_NEG_SUB);
         }
         if (axpy) {
-            const float yr = y[i], yi = y[i + 1];
-            const float tr = rp_sub_first(a * yr, zero * yi);
-            const float ti = tail ? rp_add_first(a * yi, zero * yr) : rp_add_first(zero * yr, a * yi);
-            xr = tail ? rp_add_first(xr, tr) : rp_add_first(tr, xr);
-            xi = tail ? rp_add_first(xi, ti) : rp_add_first(ti, xi);
+            const float yr = y[i], yi = y[i + 1], cr = zero * yi, ci = zero * yr;
+            float tr, ti;
+            if (tail && !scalar) { /* RP_TAILVEC: fused, y's NaN, then 0*y's, then 0*inf's */
+                tr = rp_nan_from(yr, rp_nan_from(cr, a * yr - cr));
+                ti = rp_nan_from(yi, rp_nan_from(ci, a * yi + ci));
+            } else {
+                tr = rp_sub_first(a * yr, cr);
+                ti = scalar ? rp_add_first(a * yi, ci) : rp_add_first(ci, a * yi);
+            }
+            xr = scalar ? rp_add_first(xr, tr) : rp_add_first(tr, xr);
+            xi = scalar ? rp_add_first(xi, ti) : rp_add_first(ti, xi);
         }
         out[i] = xr;
         out[i + 1] = xi;
