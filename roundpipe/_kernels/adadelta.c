@@ -136,15 +136,19 @@ static inline __attribute__((always_inline)) void adadelta_fused(
 }
 
 /* The fused loop's variants: flags and how at compile time. */
-static void adadelta_fused_any(int64_t n, float *p, const float *g, float *sq, float *acc, const adadelta_consts *k,
-                               rp_redo *r, int flags, int how)
+static int64_t adadelta_fused_any(int64_t n, float *p, const float *g, float *sq, float *acc, const adadelta_consts *k,
+                               int64_t *idx, int flags, int how)
 {
-#define ADA_HOW(F, H) case H: adadelta_fused(n, p, g, sq, acc, k, r, F, H); return
+    rp_redo redo;
+    rp_redo *r = &redo;
+    redo.n = 0;
+#define ADA_HOW(F, H) case H: adadelta_fused(n, p, g, sq, acc, k, r, F, H); break
 #define ADA_F(F) case F: switch (how) { ADA_HOW(F, RP_SQRT_IEEE); ADA_HOW(F, RP_SQRT_MKL_Z0); \
-                                         ADA_HOW(F, RP_SQRT_MKL_L9); ADA_HOW(F, RP_SQRT_MKL_H8); } return
+                                         ADA_HOW(F, RP_SQRT_MKL_L9); ADA_HOW(F, RP_SQRT_MKL_H8); } break
     switch (flags) { ADA_F(0); ADA_F(1); ADA_F(2); ADA_F(3); }
 #undef ADA_F
 #undef ADA_HOW
+    return rp_redo_elements(r, idx);
 }
 #endif
 
@@ -180,16 +184,13 @@ static void adadelta_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float
         int64_t done = 0;
 #ifdef __AVX512F__
         if (fused) {
-            rp_redo r;
-            r.n = 0;
+            int64_t idx[RP_BLOCK]; /* the lanes it left, one element each */
             done = m - m % 16;
-            adadelta_fused_any(done, po, go, sq, acc, k, &r, f, ctx->sqrt_how);
-            for (int64_t j = 0; j < r.n; j++)
-                for (int64_t l = 0; l < 16; l++)
-                    if (r.mask[j] >> l & 1) {
-                        const int64_t i = r.off[j] + l;
-                        adadelta_phased(1, po + i, go + i, sq + i, acc + i, ctx, f, t->numel, first + o + i);
-                    }
+            const int64_t nr = adadelta_fused_any(done, po, go, sq, acc, k, idx, f, ctx->sqrt_how);
+            for (int64_t j = 0; j < nr; j++) {
+                const int64_t i = idx[j];
+                adadelta_phased(1, po + i, go + i, sq + i, acc + i, ctx, f, t->numel, first + o + i);
+            }
         }
 #endif
         if (done < m)

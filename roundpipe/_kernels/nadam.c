@@ -149,12 +149,11 @@ __attribute__((optimize("no-unswitch-loops"))) static void nadam_span(int64_t n,
             r.n = 0;
             const int64_t done = len - len % 16;
             nadam_fused_any(done, pb, gb, mb, vb, k, c1, c2, bc2, &r, neg == RP_NEG_FLIP);
-            for (int64_t j = 0; j < r.n; j++) /* the lanes it left, one element each */
-                for (int64_t l = 0; l < 16; l++)
-                    if (r.mask[j] >> l & 1) {
-                        const int64_t i = r.off[j] + l;
-                        nadam_span(1, pb + i, gb + i, mb + i, vb + i, k, t, neg);
-                    }
+            int64_t idx[RP_BLOCK]; /* the lanes it left, one element each */
+            for (int64_t j = 0, nr = rp_redo_elements(&r, idx); j < nr; j++) {
+                const int64_t i = idx[j];
+                nadam_span(1, pb + i, gb + i, mb + i, vb + i, k, t, neg);
+            }
             pb += done, gb += done, mb += done, vb += done, len -= done; /* the last len % 16: below */
             if (len == 0) continue;
         }

@@ -182,12 +182,11 @@ static void radam_region(int64_t n, float *p, float *g, float *m, float *v, cons
             r.n = 0;
             done = len - len % 16;
             radam_fused_any(done, p + b, g + b, m + b, v + b, k, &r, unscale, coupled, decoupled);
-            for (int64_t j = 0; j < r.n; j++) /* the lanes it left, one element each */
-                for (int64_t l = 0; l < 16; l++)
-                    if (r.mask[j] >> l & 1) {
-                        const int64_t i = b + r.off[j] + l;
-                        radam_region(1, p + i, g + i, m + i, v + i, k, unscale, coupled, decoupled, 0, 0);
-                    }
+            int64_t idx[RP_BLOCK]; /* the lanes it left, one element each */
+            for (int64_t j = 0, nr = rp_redo_elements(&r, idx); j < nr; j++) {
+                const int64_t i = b + idx[j];
+                radam_region(1, p + i, g + i, m + i, v + i, k, unscale, coupled, decoupled, 0, 0);
+            }
         }
 #endif
         if (done == len) continue;

@@ -174,18 +174,22 @@ static inline __attribute__((always_inline)) void rmsprop_fused(
 }
 
 /* The fused loop's variants: flags and how at compile time. */
-static void rmsprop_fused_any(int64_t n, float *p, const float *g, float *sq, float *gavg, float *buf,
-                              const rmsprop_consts *k, rp_redo *r, int flags, int how)
+static int64_t rmsprop_fused_any(int64_t n, float *p, const float *g, float *sq, float *gavg, float *buf,
+                              const rmsprop_consts *k, int64_t *idx, int flags, int how)
 {
-#define RMS_HOW(F, H) case H: rmsprop_fused(n, p, g, sq, gavg, buf, k, r, F, H); return
+    rp_redo redo;
+    rp_redo *r = &redo;
+    redo.n = 0;
+#define RMS_HOW(F, H) case H: rmsprop_fused(n, p, g, sq, gavg, buf, k, r, F, H); break
 #define RMS_F(F) case F: switch (how) { RMS_HOW(F, RP_SQRT_IEEE); RMS_HOW(F, RP_SQRT_MKL_Z0); \
-                                         RMS_HOW(F, RP_SQRT_MKL_L9); RMS_HOW(F, RP_SQRT_MKL_H8); } return
+                                         RMS_HOW(F, RP_SQRT_MKL_L9); RMS_HOW(F, RP_SQRT_MKL_H8); } break
     switch (flags) {
         RMS_F(0); RMS_F(1); RMS_F(2); RMS_F(3); RMS_F(4); RMS_F(5); RMS_F(6); RMS_F(7);
         RMS_F(8); RMS_F(9); RMS_F(10); RMS_F(11); RMS_F(12); RMS_F(13); RMS_F(14); RMS_F(15);
     }
 #undef RMS_F
 #undef RMS_HOW
+    return rp_redo_elements(r, idx);
 }
 #endif
 
@@ -217,16 +221,13 @@ static void rmsprop_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float 
         int64_t done = 0;
 #ifdef __AVX512F__
         if (fused) {
-            rp_redo r;
-            r.n = 0;
+            int64_t idx[RP_BLOCK]; /* the lanes it left, one element each */
             done = m - m % 16;
-            rmsprop_fused_any(done, po, go, so, ga, bo, k, &r, f, ctx->sqrt_how);
-            for (int64_t j = 0; j < r.n; j++)
-                for (int64_t l = 0; l < 16; l++)
-                    if (r.mask[j] >> l & 1) {
-                        const int64_t i = r.off[j] + l;
-                        rmsprop_phased(1, po + i, go + i, so + i, ga ? ga + i : NULL, bo ? bo + i : NULL, ctx, f);
-                    }
+            const int64_t nr = rmsprop_fused_any(done, po, go, so, ga, bo, k, idx, f, ctx->sqrt_how);
+            for (int64_t j = 0; j < nr; j++) {
+                const int64_t i = idx[j];
+                rmsprop_phased(1, po + i, go + i, so + i, ga ? ga + i : NULL, bo ? bo + i : NULL, ctx, f);
+            }
         }
 #endif
         if (done < m)

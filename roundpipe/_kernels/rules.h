@@ -236,6 +236,17 @@ static inline __attribute__((always_inline)) void rp_redo_add(rp_redo *r, int64_
     }
 }
 
+/* The element offsets of the lanes r holds, in order, into idx (RP_BLOCK of them at most);
+   returns their count. */
+static inline int64_t rp_redo_elements(const rp_redo *r, int64_t *idx)
+{
+    int64_t k = 0;
+    for (int64_t j = 0; j < r->n; j++)
+        for (int64_t l = 0; l < 16; l++)
+            if (r->mask[j] >> l & 1) idx[k++] = r->off[j] + l;
+    return k;
+}
+
 /* Vector forms of the helpers below, lane for lane the same bits. */
 static inline __attribute__((always_inline)) __m512 rp_vnan_from(__m512 x, __m512 r)
 {
