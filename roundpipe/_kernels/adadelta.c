@@ -181,18 +181,12 @@ static void adadelta_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float
             rp_complex_axpy(m, po, po, gc, k->neg_lr, 0, 1, first + o, tail_start, t->numel);
             continue;
         }
-        int64_t done = 0;
+        int64_t idx[RP_BLOCK], nr = 0, done = 0; /* as in rmsprop.c */
 #ifdef __AVX512F__
-        if (fused) {
-            int64_t idx[RP_BLOCK]; /* the lanes it left, one element each */
-            done = m - m % 16;
-            const int64_t nr = adadelta_fused_any(done, po, go, sq, acc, k, idx, f, ctx->sqrt_how);
-            for (int64_t j = 0; j < nr; j++) {
-                const int64_t i = idx[j];
-                adadelta_phased(1, po + i, go + i, sq + i, acc + i, ctx, f, t->numel, first + o + i);
-            }
-        }
+        if (fused) done = m - m % 16, nr = adadelta_fused_any(done, po, go, sq, acc, k, idx, f, ctx->sqrt_how);
 #endif
+        for (int64_t j = 0; j < nr; j++)
+            adadelta_phased(1, po + idx[j], go + idx[j], sq + idx[j], acc + idx[j], ctx, f, t->numel, first + o + idx[j]);
         if (done < m)
             adadelta_phased(m - done, po + done, go + done, sq + done, acc + done, ctx, f, t->numel, first + o + done);
     }

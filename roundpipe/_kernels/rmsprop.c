@@ -218,18 +218,15 @@ static void rmsprop_fp32_fn(const rp_tensor *t, int64_t first, int64_t n, float 
             rmsprop_phased(m, po, gc, so, ga, bo, ctx, f & (RMS_CENTERED | RMS_MOMENTUM));
             continue;
         }
-        int64_t done = 0;
+        /* whole 16-lane groups fused, then the lanes that loop left and the rest phased */
+        int64_t idx[RP_BLOCK], nr = 0, done = 0;
 #ifdef __AVX512F__
-        if (fused) {
-            int64_t idx[RP_BLOCK]; /* the lanes it left, one element each */
-            done = m - m % 16;
-            const int64_t nr = rmsprop_fused_any(done, po, go, so, ga, bo, k, idx, f, ctx->sqrt_how);
-            for (int64_t j = 0; j < nr; j++) {
-                const int64_t i = idx[j];
-                rmsprop_phased(1, po + i, go + i, so + i, ga ? ga + i : NULL, bo ? bo + i : NULL, ctx, f);
-            }
-        }
+        if (fused) done = m - m % 16, nr = rmsprop_fused_any(done, po, go, so, ga, bo, k, idx, f, ctx->sqrt_how);
 #endif
+        for (int64_t j = 0; j < nr; j++) {
+            const int64_t i = idx[j];
+            rmsprop_phased(1, po + i, go + i, so + i, ga ? ga + i : NULL, bo ? bo + i : NULL, ctx, f);
+        }
         if (done < m)
             rmsprop_phased(m - done, po + done, go + done, so + done, ga ? ga + done : NULL, bo ? bo + done : NULL,
                            ctx, f);
