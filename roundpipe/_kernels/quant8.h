@@ -169,6 +169,25 @@ static inline void rp_q8_decode(float *restrict x, const uint8_t *restrict c, in
     for (; i < n; i++) x[i] = sq ? rp_q8_decode_unsigned1(c[i], b) : rp_q8_decode_signed1(c[i], b);
 }
 
+#ifdef RP_Q8_AVX512
+/* 16 codes of x[0..16) for a block whose pre is 1; r: its R (rule steps 3-6). */
+static inline __attribute__((always_inline)) void rp_q8_encode16(uint8_t *c, const float *x, __m512 r, const int sq)
+{
+    const __m256i one = _mm256_set1_epi16(1);
+    const __m512 xv = _mm512_loadu_ps(x);
+    /* imm 0: round to nearest even */
+    const __m256i h = _mm512_cvtps_ph(_mm512_mul_ps(xv, r), 0);
+    const __m256i a = _mm256_and_si256(h, _mm256_set1_epi16(0x7FFF));
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi16(a, 7), one);
+    __m256i q = _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(a, _mm256_set1_epi16(0x3F)), lsb), 7);
+    if (sq) /* max(code, 1) where x > 0 */
+        q = _mm256_mask_max_epu16(q, _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_GT_OQ), q, one);
+    else
+        q = _mm256_or_si256(q, _mm256_and_si256(_mm256_srli_epi16(h, 8), _mm256_set1_epi16(0x80)));
+    _mm_storeu_si128((__m128i *)c, _mm256_cvtepi16_epi8(q)); /* vpmovwb: the low byte */
+}
+#endif
+
 /* codes c[0..n) for x; b from the block's absmax. */
 static inline void rp_q8_encode(uint8_t *restrict c, const float *restrict x, int64_t n,
                                 const rp_q8_block *b, const int sq)
@@ -176,23 +195,8 @@ static inline void rp_q8_encode(uint8_t *restrict c, const float *restrict x, in
     int64_t i = 0;
 #ifdef RP_Q8_AVX512
     const __m512 r = _mm512_set1_ps(b->r);
-    const __m256i mag = _mm256_set1_epi16(0x7FFF), half = _mm256_set1_epi16(0x3F);
-    const __m256i one = _mm256_set1_epi16(1), sign = _mm256_set1_epi16(0x80);
-    if (b->pre == 1.0f) {
-        for (; i + 16 <= n; i += 16) {
-            const __m512 xv = _mm512_loadu_ps(x + i);
-            /* imm 0: round to nearest even */
-            const __m256i h = _mm512_cvtps_ph(_mm512_mul_ps(xv, r), 0);
-            const __m256i a = _mm256_and_si256(h, mag);
-            const __m256i lsb = _mm256_and_si256(_mm256_srli_epi16(a, 7), one);
-            __m256i q = _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(a, half), lsb), 7);
-            if (sq) /* max(code, 1) where x > 0 */
-                q = _mm256_mask_max_epu16(q, _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_GT_OQ), q, one);
-            else
-                q = _mm256_or_si256(q, _mm256_and_si256(_mm256_srli_epi16(h, 8), sign));
-            _mm_storeu_si128((__m128i *)(c + i), _mm256_cvtepi16_epi8(q)); /* vpmovwb: the low byte */
-        }
-    }
+    if (b->pre == 1.0f)
+        for (; i + 16 <= n; i += 16) rp_q8_encode16(c + i, x + i, r, sq);
 #endif
     for (; i < n; i++) c[i] = sq ? rp_q8_encode_unsigned1(x[i], b) : rp_q8_encode_signed1(x[i], b);
 }
