@@ -8,11 +8,11 @@
    8-bit row too): each round steps every
    optimizer once, in turn, so that a noisy neighbour hits all of them alike; min and
    median over the rounds, and the ratio of medians.
-2. Where the time goes, on one thread, in L2 (256 Ki elements stepped over and over, so
+2. Where the time goes, on one thread, in cache (256 Ki elements stepped over and over, so
    memory does not hide compute): the full step, decoding both moments, absmax and
-   encoding both moments (rp_q8_decode_blocks / rp_q8_encode_blocks, the step's own
-   functions), and the fp32 AdamW step on the same elements (Adam's math alone),
-   in ns per element.
+   encoding both moments (rp_q8_decode_blocks / rp_q8_encode_blocks, the codec's own
+   functions, each timed alone), and the fp32 AdamW step on the same elements (Adam's
+   math alone), in ns per element.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def breakdown(args: argparse.Namespace) -> None:
     }
     times = rounds(entries, args.reps, time.thread_time)
     print(f"where the time goes: 1 thread, {n} elements in cache, ns of this thread's CPU time per element "
-          f"(median of {args.reps})")
+          f"(median of {args.reps}); each part timed alone, while the step runs the codec beside the "
+          "divider-bound update (adam8bit.c, q8_fused), so the parts add up to more than the step")
     for name, ts in times.items():
         print(f"  {name:26s} {statistics.median(ts) / (inner * n) * 1e9:6.2f}")
 

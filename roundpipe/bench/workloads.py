@@ -357,6 +357,18 @@ def bench_low_precision_params(w: Workload, args: argparse.Namespace, threads: i
     return res
 
 
+def conversion_paths() -> str:
+    """Which conversions the low-memory rows ran on this host (from the CPU flags the kernel
+    is built for, -march=native)."""
+    from .. import _build
+
+    flags = set(_build.cpu_flags().split())
+    codec = ("AVX-512 vcvtph2ps/vcvtps2ph" if {"avx512f", "avx512bw", "avx512vl"} <= flags
+             else "portable loops (no AVX-512BW)")
+    return (f"Conversion paths: bf16 <-> fp32 by integer round-to-nearest-even in vector registers "
+            f"(vcvtne2ps2bf16 measured no faster on AMD Zen 4, not used); 8-bit codec: {codec}.")
+
+
 def bench_low_memory(w: Workload, args: argparse.Namespace, threads: int) -> Result:
     """Issue 12's layouts against the ones they slim: fp32 params with bf16 moments against fp32
     moments (28 -> 20 B/el), 8-bit moments (AdamW8bit, issue 26: 16 B/el at block 256, the
@@ -380,7 +392,8 @@ def bench_low_memory(w: Workload, args: argparse.Namespace, threads: int) -> Res
     roof = adam_probe(w.numel)
     run_rounds(entries + ([roof] if roof else []), args.warmup, args.reps)
     res = summarize(w.name, threads, w.numel, len(w.shapes), entries, roof,
-                    (w.note + " AdamW. speedup: fp32 moments' time / each row's.").strip(), ref="fp32 moments")
+                    (w.note + " AdamW. speedup: fp32 moments' time / each row's. " + conversion_paths()).strip(),
+                    ref="fp32 moments")
     del entries, roof, p32, p32b, p16, p16b, p8
     free()
     return res
