@@ -38,6 +38,7 @@ typedef struct {
 } nadam_consts;
 
 #define NADAM_BLOCK 512 /* elements per pass of the three loops below: their buffers stay in L1 */
+_Static_assert(NADAM_BLOCK <= RP_BLOCK, "a block's fused lanes must fit an rp_redo");
 
 /* The NAdam update over n <= NADAM_BLOCK fp32 elements, in three loops because
    torch's sqrt may be MKL's (rules.h, rp_torch_sqrt); c1, c2, bc2: this

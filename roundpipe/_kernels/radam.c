@@ -37,6 +37,7 @@ enum { BC1 = 0, BC2_SQRT = 1, RECT = 2 }; /* and RP_SCALAR_COMPLEX (rules.h) */
 /* torch's exp_avg_sq.sqrt() is MKL's vmsSqrt where torch is built with MKL, not
    correctly rounded: rules.h, rp_torch_sqrt, gives its bits, one block at a time. */
 #define RADAM_BLOCK 512 /* elements per square-root block: 2 KiB, in L1 with the arrays' lines */
+_Static_assert(RADAM_BLOCK <= RP_BLOCK, "a block's fused lanes must fit an rp_redo");
 
 /* Scalars of one tensor's step, rounded to float as torch rounds them. */
 typedef struct {
