@@ -539,7 +539,7 @@ int rp_adafactor_step(const rp_run_opts *run, const rp_adafactor_hyper *h, rp_te
     k.decays = h->weight_decay != 0.0;
     k.maximize = h->maximize != 0;
     k.unscale = run->grad_scale != NULL;
-    k.inv_scale = run->grad_scale ? (float)(1.0 / (double)*run->grad_scale) : 1.0f;
+    k.inv_scale = rp_inv_scale(run->grad_scale);
     for (int64_t i = 0; i < n_tensors; i++) { /* step_t += 1; 1 - beta2_t = step ** beta2_decay */
         rp_tensor *t = &tensors[i];
         *t->step += 1.0f;
