@@ -21,7 +21,7 @@ before their element pass (Adafactor's row and column sums of squares and norms;
 
 * ``_param_state_keys``: the keys one param has, where params of a group differ (a subset of
   ``_state_keys``, which then lists them all; rp_tensor.state follows the param's own order);
-* ``_state_shape``: each state tensor's shape (default: the param's);
+* ``_state_shape``: each state tensor's shape, from the param and its group (default: the param's);
 * ``_FIXED_STATE_DTYPES``: state keys whose dtype is the rule's whatever the param's (8-bit
   codes in uint8, their scales in float32); a non-floating one comes back from a checkpoint
   in its own dtype (torch's load_state_dict casts it to the param's).
@@ -245,8 +245,8 @@ class FusedOptimizer(Optimizer):
         """The state tensors of param p, in rp_tensor.state order (default: _state_keys(group))."""
         return self._state_keys(group)
 
-    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
-        """The shape of state[key] for param p (default: the param's)."""
+    def _state_shape(self, p: Tensor, key: str, group: dict[str, Any]) -> tuple[int, ...]:
+        """The shape of state[key] for param p of group (default: the param's)."""
         return tuple(p.shape)
 
     def _extra_state(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -517,7 +517,7 @@ class FusedOptimizer(Optimizer):
                                 "to real params only")
             st = self.state.get(p)
             if st:
-                self._check_state(p, st, layout, at, self._extra_state(group))
+                self._check_state(p, st, layout, at, group)
             plan.group_index.append(i)
             plan.params.append(p)
             plan.grads.append(g.contiguous() if _needs_copy(g) else g)
@@ -525,9 +525,10 @@ class FusedOptimizer(Optimizer):
         return plan
 
     def _check_state(self, p: Tensor, st: dict[str, Any], layout: tuple[bool, dict[str, torch.dtype]],
-                     where: str, extra: tuple[str, ...] = ()) -> None:
+                     where: str, group: dict[str, Any]) -> None:
         """A param's existing state must be what the C code will read: keys, dtypes, shapes, memory."""
         who = self._NAME
+        extra = self._extra_state(group)
         for name in extra:  # 1-element scalars; a missing integer one (a seed) is created on the first step
             t, dtype = st.get(name), self._EXTRA_STATE_DTYPES[name]
             if t is None and dtype.is_floating_point:
@@ -552,7 +553,7 @@ class FusedOptimizer(Optimizer):
             if not isinstance(t, Tensor):
                 raise RuntimeError(f"roundpipe {who}: {where} has state[{name!r}] = {t!r}, not a tensor")
             lt = _local(t)
-            shape = tuple(p.shape) if name == "master_param" else self._state_shape(p, name)
+            shape = tuple(p.shape) if name == "master_param" else self._state_shape(p, name, group)
             local_shape = _local(p).shape if shape == tuple(p.shape) else shape
             if (t.dtype != dtype or tuple(t.shape) != shape or lt.shape != local_shape or t.device.type != "cpu"
                     or not lt.is_contiguous()):

@@ -137,7 +137,7 @@ class Adafactor(FusedOptimizer):
     def _param_state_keys(self, p: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
         return ("row_var", "col_var") if p.dim() > 1 else ("variance",)
 
-    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
+    def _state_shape(self, p: Tensor, key: str, group: dict[str, Any]) -> tuple[int, ...]:
         shape = tuple(p.shape)
         if key == "row_var":
             return (*shape[:-1], 1)
@@ -148,7 +148,7 @@ class Adafactor(FusedOptimizer):
     def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
         for key, dtype in dtypes.items():
-            state[key] = torch.zeros(self._state_shape(p, key), dtype=dtype)
+            state[key] = torch.zeros(self._state_shape(p, key, group), dtype=dtype)
         return state
 
     @staticmethod

@@ -241,8 +241,6 @@ class Adam8bit(FusedOptimizer):
         if _is_dtensor(p):
             raise TypeError(f"roundpipe {self._NAME}: {where} is a DTensor; 8-bit state is kept for plain "
                             "tensors only (its blocks would not follow a resharding)")
-        # the engine checks p's state next, with _state_shape(p, key), which has no group
-        self._checking_block = int(group["block_size"])
 
     def _eight_bit(self, p: Tensor, group: dict[str, Any]) -> bool:
         return p.numel() >= group["min_8bit_size"]
@@ -253,9 +251,9 @@ class Adam8bit(FusedOptimizer):
     def _param_state_keys(self, p: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
         return CODE_KEYS if self._eight_bit(p, group) else FP32_KEYS
 
-    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
-        if key.endswith("_absmax"):  # one per block of p's group (set by _check_param)
-            return (math.ceil(p.numel() / self._checking_block),)
+    def _state_shape(self, p: Tensor, key: str, group: dict[str, Any]) -> tuple[int, ...]:
+        if key.endswith("_absmax"):  # one scale per block
+            return (math.ceil(p.numel() / group["block_size"]),)
         return tuple(p.shape)
 
     def _config(self, group: dict[str, Any]) -> tuple:
@@ -263,10 +261,8 @@ class Adam8bit(FusedOptimizer):
 
     def _new_state(self, p: Tensor, g: Tensor, group: dict[str, Any], dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
-        blocks = math.ceil(p.numel() / group["block_size"])
         for key, dtype in dtypes.items():
-            shape = (blocks,) if key.endswith("_absmax") else tuple(p.shape)
-            state[key] = torch.zeros(shape, dtype=dtype)
+            state[key] = torch.zeros(self._state_shape(p, key, group), dtype=dtype)
         return state
 
     def _fill_hyper(self, h: Any, group: dict[str, Any]) -> None:
