@@ -49,6 +49,15 @@ typedef struct {
     int on;
 } q8_pending;
 
+/* A block whose moments m, v were just updated: its new absmaxes stored, its encoding pending. */
+static q8_pending q8_updated(const float *m, const float *v, uint8_t *mc, uint8_t *vc, float *ma, float *va,
+                             uint32_t am, uint32_t av, int64_t n)
+{
+    *ma = float_from_bits(am);
+    *va = float_from_bits(av);
+    return (q8_pending){m, v, mc, vc, rp_q8_block_of(am, 0), rp_q8_block_of(av, 1), n, 1};
+}
+
 static void q8_flush(q8_pending *w)
 {
     if (!w->on) return;
@@ -162,7 +171,7 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
     uint8_t scratch[2][Q8_PIPE_MAX];
     float *bufs[2][2] = {{mb, vb}, {mb2, vb2}};
     int which = 0;
-    const rp_q8_block zero_block = rp_q8_block_of(0, 1.0f, 1.0f);
+    const rp_q8_block zero_block = rp_q8_block_of(0, 0);
     const q8_pending idle = {zeros, zeros, scratch[0], scratch[1], zero_block, zero_block, 0, 0};
 #endif
     q8_pending w = {0};
@@ -170,10 +179,9 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
         const int64_t n = e - s0 < block ? e - s0 : block, blk = s0 / block;
         uint32_t bits;
         memcpy(&bits, &ma[blk], 4);
-        rp_q8_block qm = rp_q8_block_of(bits & 0x7FFFFFFFu, 1.0f, 1.0f);
+        const rp_q8_block qm = rp_q8_block_of(bits & 0x7FFFFFFFu, 0);
         memcpy(&bits, &va[blk], 4);
-        rp_q8_block qv = rp_q8_block_of(bits & 0x7FFFFFFFu, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
-        uint32_t am, av;
+        const rp_q8_block qv = rp_q8_block_of(bits & 0x7FFFFFFFu, 1);
 #ifdef RP_Q8_AVX512
         if (pdt == RP_F32 && !t->master && n % 16 == 0 && n <= Q8_PIPE_MAX && s0 + n <= tail_start
             && qm.post == 1.0f && qv.post == 1.0f) {
@@ -185,12 +193,10 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
                 w = idle;
             }
             float *m1 = bufs[which][0], *v1 = bufs[which][1];
+            uint32_t am, av;
             q8_fused_any(n, (float *)t->param + s0, (float *)t->grad + s0, mc + s0, vc + s0, qm.s, qv.s, m1, v1, k,
                          &am, &av, &w, unscale);
-            ma[blk] = float_from_bits(am);
-            va[blk] = float_from_bits(av);
-            w = (q8_pending){m1, v1, mc + s0, vc + s0, rp_q8_block_of(am, 1.0f, 1.0f),
-                             rp_q8_block_of(av, RP_Q8_K_SQ, RP_Q8_K_SQ_INV), n, 1};
+            w = q8_updated(m1, v1, mc + s0, vc + s0, ma + blk, va + blk, am, av, n);
             which ^= 1;
             continue;
         }
@@ -216,13 +222,9 @@ static void q8_span(const rp_tensor *t, int64_t b, int64_t e, const rp_consts *k
                 if (unscale && pdt != RP_F32) store_block(grad, pdt, g, len, RP_BF16_NAN_VEC);
             }
         }
-        am = rp_q8_absmax_bits(mb, n), av = rp_q8_absmax_bits(vb, n);
-        qm = rp_q8_block_of(am, 1.0f, 1.0f);
-        qv = rp_q8_block_of(av, RP_Q8_K_SQ, RP_Q8_K_SQ_INV);
-        rp_q8_encode(mc + s0, mb, n, &qm, 0);
-        rp_q8_encode(vc + s0, vb, n, &qv, 1);
-        ma[blk] = float_from_bits(am);
-        va[blk] = float_from_bits(av);
+        w = q8_updated(mb, vb, mc + s0, vc + s0, ma + blk, va + blk, rp_q8_absmax_bits(mb, n),
+                       rp_q8_absmax_bits(vb, n), n);
+        q8_flush(&w);
     }
     q8_flush(&w);
 }
@@ -281,7 +283,7 @@ void rp_q8_encode_blocks(const float *x, int64_t n, int64_t block_size, int32_t 
     for (int64_t s0 = 0, blk = 0; s0 < n; s0 += block_size, blk++) {
         const int64_t len = n - s0 < block_size ? n - s0 : block_size;
         const uint32_t a = rp_q8_absmax_bits(x + s0, len);
-        const rp_q8_block q = sq ? rp_q8_block_of(a, RP_Q8_K_SQ, RP_Q8_K_SQ_INV) : rp_q8_block_of(a, 1.0f, 1.0f);
+        const rp_q8_block q = rp_q8_block_of(a, sq);
         if (sq) rp_q8_encode(codes + s0, x + s0, len, &q, 1);
         else rp_q8_encode(codes + s0, x + s0, len, &q, 0);
         absmax[blk] = float_from_bits(a);
@@ -294,8 +296,7 @@ void rp_q8_decode_blocks(float *x, int64_t n, int64_t block_size, int32_t sq, co
         const int64_t len = n - s0 < block_size ? n - s0 : block_size;
         uint32_t a;
         memcpy(&a, &absmax[blk], 4);
-        const rp_q8_block q = sq ? rp_q8_block_of(a & 0x7FFFFFFFu, RP_Q8_K_SQ, RP_Q8_K_SQ_INV)
-                                 : rp_q8_block_of(a & 0x7FFFFFFFu, 1.0f, 1.0f);
+        const rp_q8_block q = rp_q8_block_of(a & 0x7FFFFFFFu, sq);
         if (sq) rp_q8_decode(x + s0, codes + s0, len, &q, 1);
         else rp_q8_decode(x + s0, codes + s0, len, &q, 0);
     }

@@ -77,7 +77,7 @@
 #define RP_Q8_PRE 18446744073709551616.0f /* 2^64 */
 #define RP_Q8_POST 5.42101086242752217e-20f /* 2^-64 */
 
-/* A block's scalars, from its absmax (rule step 2 above). */
+/* A block's scalars, from its absmax (rule step 2 above); sq: exp_avg_sq's K, else exp_avg's. */
 typedef struct {
     float pre;    /* x * pre before R: 1, or 2^64 for a tiny block          */
     float r;      /* K / (absmax * pre), 0 for an all-zero block            */
@@ -85,8 +85,9 @@ typedef struct {
     float post;   /* ... * post (1, or 2^-64 for a tiny block)               */
 } rp_q8_block;
 
-static inline rp_q8_block rp_q8_block_of(uint32_t absmax_bits, float k, float k_inv)
+static inline rp_q8_block rp_q8_block_of(uint32_t absmax_bits, const int sq)
 {
+    const float k = sq ? RP_Q8_K_SQ : 1.0f, k_inv = sq ? RP_Q8_K_SQ_INV : 1.0f;
     rp_q8_block b;
     const float absmax = float_from_bits(absmax_bits);
     const int tiny = absmax_bits < RP_Q8_TINY;
